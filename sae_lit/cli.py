@@ -1,0 +1,28 @@
+"""The command line: `python main.py fit|validate|test --config configs/quickstart.yaml`.
+
+A LightningCLI over SAEModule and any LightningDataModule; d_in comes from the data.
+"""
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from sae_lit.module import SAEModule
+
+
+class SAECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module knows the activation width (from its cache manifest or the subject
+        # model's config) once it is built; the SAE is built after it.
+        parser.link_arguments("data", "model.d_in", compute_fn=lambda dm: dm.d_in, apply_on="instantiate")
+
+
+def cli_main(args=None, run: bool = True) -> SAECLI:
+    return SAECLI(
+        SAEModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

@@ -1,0 +1,123 @@
+"""Export to, and load from, the SAELens v6 folder layout (DESIGN.md, "Export").
+
+    <out>/cfg.json                  architecture, d_in, d_sae, k, ..., metadata
+    <out>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+
+The dataset normalisation constant s is folded into the biases so the exported SAE takes
+raw activations: for inputs scaled by s in training, TopK(W_enc(s x - b) + b_enc) selects
+the same latents as TopK(W_enc(x - b/s) + b_enc/s) with values divided by s, and
+W_dec z/s + b/s = (W_dec z + b)/s. So b_enc/s and b_dec/s, weights unchanged.
+
+    python -m sae_lit.export CKPT OUT_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_lit.sae import TopKSAE
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+# SAELens treats a cfg without a version as pre-6.0 and rewrites it; we write the v6 layout.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = float(sae.input_scale) if sae.normalize == "constant" else 1.0
+    W_dec = sae.W_dec.detach().float()
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    tensors = {
+        "W_enc": sae.W_enc.detach().float().t().contiguous(),
+        "b_enc": (sae.b_enc.detach().float() / s).contiguous(),
+        "W_dec": W_dec.contiguous(),
+        "b_dec": (sae.b_dec.detach().float() / s).contiguous(),
+    }
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
+    meta.update(metadata or {})
+    cfg = {
+        "architecture": "topk" if sae.activation == "topk" else "standard",
+        "d_in": sae.d_in,
+        "d_sae": sae.num_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "layer_norm" if sae.normalize == "layer_norm" else "none",
+        "reshape_activations": "none",
+        "metadata": meta,
+        # Our own keys (SAELens ignores them).
+        "sae_lit": {**sae.config(), "folded_input_scale": s},
+    }
+    if sae.activation == "topk":
+        cfg["k"] = sae.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
+    tmp_w, tmp_c = out / (WEIGHTS_NAME + ".tmp"), out / (CFG_NAME + ".tmp")
+    save_file(tensors, str(tmp_w))
+    tmp_c.write_text(json.dumps(cfg, indent=2))
+    tmp_w.replace(out / WEIGHTS_NAME)
+    tmp_c.replace(out / CFG_NAME)
+    return out
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
+    """Read an exported folder (ours or any SAELens v6 topk/standard SAE) into a TopKSAE
+    that takes raw activations."""
+    path = Path(path)
+    cfg_path, w_path = path / CFG_NAME, path / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: an SAE folder needs {CFG_NAME} and {WEIGHTS_NAME}")
+    cfg = json.loads(cfg_path.read_text())
+    arch = cfg.get("architecture")
+    if arch not in ("topk", "standard"):
+        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (expected 'topk' or 'standard')")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", "layer_norm"):
+        raise ValueError(f"{cfg_path}: normalize_activations {norm!r} is not supported (expected 'none' or 'layer_norm')")
+    if not cfg.get("apply_b_dec_to_input", True):
+        raise ValueError(f"{cfg_path}: apply_b_dec_to_input=false is not supported")
+    ours = cfg.get("sae_lit", {})
+    w = load_file(str(w_path), device=str(device))
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    for name, shape in {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.items():
+        if name not in w:
+            raise KeyError(f"{w_path}: tensor {name!r} missing (found {sorted(w)})")
+        if tuple(w[name].shape) != shape:
+            raise ValueError(f"{w_path}: {name} has shape {tuple(w[name].shape)}, cfg.json implies {shape}")
+    sae = TopKSAE(
+        d_in, d_sae, int(cfg.get("k", 1)) if arch == "topk" else 1,
+        activation="topk" if arch == "topk" else "relu",
+        k_aux=ours.get("k_aux", 512), multi_topk=ours.get("multi_topk", False),
+        normalize="layer_norm" if norm == "layer_norm" else "none",
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(w["W_enc"].t())
+        sae.b_enc.copy_(w["b_enc"])
+        sae.W_dec.copy_(w["W_dec"])
+        sae.b_dec.copy_(w["b_dec"])
+        sae.initialized.fill_(True)
+    sae.export_cfg = cfg
+    return sae.to(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Export an SAEModule checkpoint to a SAELens-layout folder.")
+    ap.add_argument("ckpt", help="Lightning checkpoint (.ckpt) of an SAEModule")
+    ap.add_argument("out", help="output folder")
+    args = ap.parse_args(argv)
+    from sae_lit.module import SAEModule
+
+    module = SAEModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+    out = export_sae(module.eval_sae, args.out, metadata=module.export_metadata)
+    print(f"Exported {args.ckpt} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

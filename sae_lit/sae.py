@@ -1,0 +1,280 @@
+"""The TopK sparse autoencoder (Gao et al. 2024) as a plain nn.Module.
+
+    z = ReLU(TopK(W_enc (x - b_dec) + b_enc))        x_hat = W_dec^T z + b_dec
+
+``b_dec`` is the paper's b_pre (subtracted before encoding, added after decoding). Inputs
+are raw activations: the module multiplies them by one dataset constant ``input_scale``
+(E||s x||^2 = d_in, never per batch) or applies a per-token layer norm, and returns
+reconstructions in the raw space again. Latents are kept as (values, indices) of shape
+[B, k]; the training step never builds a dense [B, num_latents] tensor (see kernels.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sae_lit import kernels, losses
+
+Normalize = Literal["constant", "layer_norm", "none"]
+Activation = Literal["topk", "relu"]
+
+
+class EncoderOutput(NamedTuple):
+    values: Tensor
+    """[B, k] latent activations, >= 0 (ReLU after the top-k selection)."""
+    indices: Tensor
+    """[B, k] int64 latent ids of the values."""
+
+
+class ForwardOutput(NamedTuple):
+    reconstruction: Tensor
+    """[B, d_in] reconstruction of the input, in the input's (raw) space."""
+    values: Tensor
+    """[B, k] latent activations of the top-k (for ReLU: all latents)."""
+    indices: Tensor
+    """[B, k] latent ids."""
+    nmse: Tensor
+    """Batch FVU of the k-sparse reconstruction: sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
+    auxk_loss: Tensor
+    """AuxK loss of the dead latents (already scaled by min(n_dead/k_aux, 1); not by alpha)."""
+    multi_topk_nmse: Tensor
+    """Batch FVU when decoding the top 4k (Multi-TopK); 0 when multi_topk is off."""
+    l1_loss: Tensor
+    """Decoder-norm-weighted L1 of the latents (ReLU+L1 baseline); 0 for TopK."""
+
+
+class TopKSAE(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        k: int = 32,
+        *,
+        activation: Activation = "topk",
+        k_aux: int = 512,
+        multi_topk: bool = False,
+        normalize: Normalize = "constant",
+        tied_init: bool = True,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if activation not in ("topk", "relu"):
+            raise ValueError(f"activation must be 'topk' or 'relu', got {activation!r}")
+        if normalize not in ("constant", "layer_norm", "none"):
+            raise ValueError(f"normalize must be 'constant', 'layer_norm' or 'none', got {normalize!r}")
+        if not 0 < k <= num_latents:
+            raise ValueError(f"k must be in [1, num_latents={num_latents}], got {k}")
+        self.d_in, self.num_latents, self.k = d_in, num_latents, k
+        self.activation = activation
+        self.k_aux = min(k_aux, num_latents // 2)
+        self.multi_topk = multi_topk
+        self.normalize = normalize
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(num_latents, d_in, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
+        # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
+        W_enc = W_dec.clone() if tied_init else torch.randn(num_latents, d_in, generator=gen) / math.sqrt(d_in)
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(num_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # ---------------------------------------------------------------- normalisation
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Input in the space the SAE works in, plus what is needed to undo it."""
+        if self.normalize == "layer_norm":
+            mu = x.mean(-1, keepdim=True)
+            xc = x - mu
+            std = xc.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+            return xc / std, (mu, std)
+        if self.normalize == "constant":
+            return x * self.input_scale.to(x.dtype), None
+        return x, None
+
+    def denormalize(self, x: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        if self.normalize == "layer_norm":
+            assert stats is not None
+            return x * stats[1] + stats[0]
+        if self.normalize == "constant":
+            return x / self.input_scale.to(x.dtype)
+        return x
+
+    # ---------------------------------------------------------------- inference API
+    def pre_acts(self, x_norm: Tensor) -> Tensor:
+        """Dense [B, num_latents] pre-activations of already-normalised inputs."""
+        return torch.addmm(self.b_enc.to(x_norm.dtype), x_norm - self.b_dec.to(x_norm.dtype), self.W_enc.t().to(x_norm.dtype))
+
+    def select(self, pre: Tensor, k: int | None = None) -> EncoderOutput:
+        if self.activation == "relu":
+            values = pre.relu()
+            idx = torch.arange(self.num_latents, device=pre.device).expand_as(pre)
+            return EncoderOutput(values, idx)
+        v, i = pre.topk(k or self.k, dim=-1, sorted=False)
+        return EncoderOutput(v.relu(), i)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, k: int | None = None) -> EncoderOutput:
+        """Raw activations [B, d_in] -> (values, indices), each [B, k]."""
+        x_norm, _ = self.normalize_input(x)
+        return self.select(self.pre_acts(x_norm), k)
+
+    @torch.no_grad()
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """(values, indices) -> reconstruction in the SAE's normalised space (constant or
+        none: divide by ``input_scale`` for raw space; use ``reconstruct`` for raw in, raw out)."""
+        if self.activation == "relu":
+            return values @ self.W_dec + self.b_dec  # dense codes: indices are arange(n)
+        return kernels.gather_sum(indices, values, self.W_dec) + self.b_dec
+
+    @torch.no_grad()
+    def encode_decode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, EncoderOutput]:
+        """Raw activations in; (raw reconstruction, latents) out."""
+        x_norm, stats = self.normalize_input(x)
+        latents = self.select(self.pre_acts(x_norm), k)
+        return self.denormalize(self.decode(*latents), stats), latents
+
+    def reconstruct(self, x: Tensor, k: int | None = None) -> Tensor:
+        """Raw activations in, raw reconstruction out."""
+        return self.encode_decode(x, k)[0]
+
+    # ---------------------------------------------------------------- training forward
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        """Training forward on raw activations [B, d_in]; losses in the normalised space.
+
+        ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss.
+        """
+        x_norm, stats = self.normalize_input(x)
+        if self.activation == "relu":
+            return self._forward_relu(x_norm, stats)
+        x_c = x_norm - self.b_dec
+        k_sel = 4 * self.k if self.multi_topk else self.k
+        k_sel = min(k_sel, self.num_latents)
+        dead_rows = None
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc.t())  # the one dense GEMM
+            top_v, top_i = pre.topk(k_sel, dim=-1, sorted=self.multi_topk)
+            if dead_mask is not None and self.k_aux > 0:
+                dead_rows = dead_mask.nonzero().squeeze(1)
+                if dead_rows.numel() > 0:
+                    pre_dead = pre.index_select(1, dead_rows)  # [B, n_dead]
+                    aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
+            del pre
+
+        values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, top_i, top_v).relu()
+        denom = losses.total_variance(x_norm)
+        recon_k = kernels.sparse_decode(values[:, : self.k], top_i[:, : self.k], self.W_dec) + self.b_dec
+        nmse = losses.nmse(x_norm, recon_k, denom)
+        zero = nmse.new_zeros(())
+        multi = zero
+        if self.multi_topk:
+            recon_4k = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec
+            multi = losses.nmse(x_norm, recon_4k, denom)
+
+        auxk = zero
+        if dead_rows is not None and dead_rows.numel() > 0:
+            auxk = self._auxk(x_c.detach(), x_norm - recon_k.detach(), dead_rows, aux_v, aux_local)
+
+        recon = self.denormalize(recon_k, stats)
+        return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero)
+
+    def _auxk(self, x_c: Tensor, residual: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
+        """AuxK: the top-k_aux dead latents reconstruct the main residual (decoded without
+        b_dec). The input is detached, so this loss trains only the dead latents' encoder
+        and decoder rows; it never moves b_dec or live latents."""
+        n_dead = dead_rows.numel()
+        k_aux = aux_v.shape[1]
+        if k_aux * 8 >= n_dead:
+            # Dense over the dead subset [B, n_dead]: at this density GEMMs beat gathers.
+            dense = torch.zeros(x_c.shape[0], n_dead, dtype=aux_v.dtype, device=aux_v.device)
+            dense.scatter_(1, aux_local, aux_v)
+            keep = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, aux_local, True)
+            z = kernels.subset_encode(x_c, self.W_enc, self.b_enc, dead_rows, dense)
+            z = torch.where(keep, z, 0.0).relu()
+            residual_hat = z @ self.W_dec[dead_rows]
+        else:
+            idx = dead_rows[aux_local]
+            z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
+            residual_hat = kernels.sparse_decode(z, idx, self.W_dec)
+        return losses.auxk_loss(residual, residual_hat, n_dead, self.k_aux)
+
+    def _forward_relu(self, x_norm: Tensor, stats) -> ForwardOutput:
+        # The paper's ReLU+L1 baseline is dense by nature: every latent can fire.
+        z = (torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc.t())).relu()
+        recon_n = z @ self.W_dec + self.b_dec
+        nmse = losses.nmse(x_norm, recon_n)
+        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        idx = torch.arange(self.num_latents, device=z.device).expand_as(z)
+        zero = nmse.new_zeros(())
+        return ForwardOutput(self.denormalize(recon_n, stats), z, idx, nmse, zero, zero, l1)
+
+    # ---------------------------------------------------------------- invariants
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Renormalise every decoder row (latent direction) to unit norm."""
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out of each decoder row's gradient its component along the row.
+
+        With unit-norm rows renormalised after each step, that component is undone anyway;
+        left in, it corrupts Adam's second-moment estimates (paper sec. A.2).
+        """
+        if self.W_dec.grad is None:
+            return
+        g, w = self.W_dec.grad, self.W_dec
+        parallel = (g * w).sum(1, keepdim=True) / w.pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).eps)
+        g.sub_(parallel * w)
+
+    @torch.no_grad()
+    def init_from_data(self, sample: Tensor, scale: float | None = None, max_iter: int = 100) -> None:
+        """Data-dependent init from raw activations [N, d_in]: the normalisation constant
+        (unless given, s = sqrt(d / E||x||^2)) and b_dec = geometric median of the sample."""
+        sample = sample.to(self.W_dec.device, torch.float32)
+        if self.normalize == "constant":
+            if scale is None:
+                scale = math.sqrt(self.d_in / sample.pow(2).sum(1).mean().item())
+            self.input_scale.fill_(scale)
+        x_norm, _ = self.normalize_input(sample)
+        self.b_dec.copy_(geometric_median(x_norm, max_iter=max_iter))
+        self.initialized.fill_(True)
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict:
+        return dict(
+            d_in=self.d_in, num_latents=self.num_latents, k=self.k, activation=self.activation,
+            k_aux=self.k_aux, multi_topk=self.multi_topk, normalize=self.normalize,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TopKSAE":
+        """Load an exported SAE folder (SAELens v6 layout, see sae_lit.export)."""
+        from sae_lit.export import load_sae
+
+        return load_sae(path, device=device)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    pts = points.double()
+    guess = pts.mean(0)
+    for _ in range(max_iter):
+        dist = (pts - guess).norm(dim=1).clamp_min(1e-12)
+        w = 1.0 / dist
+        new = (w[:, None] * pts).sum(0) / w.sum()
+        if (new - guess).norm() <= tol * max(1.0, guess.norm().item()):
+            guess = new
+            break
+        guess = new
+    return guess.to(points.dtype)
