@@ -26,9 +26,16 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 # Tokens per chunk when a [chunk, k, d] intermediate is materialised; keeps it in cache.
 _CHUNK = 256
-# Above this many selected latents per token, scatter via a CSR spmm rather than
-# index_add of materialised outer products (index_add's [B*k, d] traffic dominates).
-_CSR_MIN_K = 96
+
+
+def _csr_pattern(indices: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Transpose of the [B, num_rows] selection pattern as CSR: (crow, token of each nnz, order)."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
+    return crow, order // k, order
 
 
 def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) -> Tensor:
@@ -40,12 +47,9 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
     B, k = indices.shape
     d = x.shape[1]
     weights = weights.to(x.dtype)
-    if k >= _CSR_MIN_K and x.device.type == "cpu":
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        cols = torch.arange(B, device=x.device).repeat_interleave(k)[order]
-        crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=x.device)
-        crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        # CSR spmm (MKL): no [B*k, d] outer products materialised.
+        crow, cols, order = _csr_pattern(indices, num_rows)
         g = torch.sparse_csr_tensor(
             crow, cols, weights.reshape(-1)[order], size=(num_rows, B), check_invariants=False
         )
@@ -62,6 +66,16 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
 def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     """[B, k]: <rows[indices[b, j]], y[b]> — k dot products per token."""
     B, k = indices.shape
+    if y.device.type == "cpu" and y.dtype == rows.dtype and y.dtype in (torch.float32, torch.float64):
+        # Sampled dense-dense matmul on the selection pattern (CSR rows need sorted columns).
+        sorted_idx, perm = indices.sort(dim=1)
+        crow = torch.arange(0, B * k + 1, k, device=y.device)
+        pattern = torch.sparse_csr_tensor(
+            crow, sorted_idx.reshape(-1), torch.zeros(B * k, dtype=y.dtype), size=(B, rows.shape[0]),
+            check_invariants=False,
+        )
+        vals = torch.sparse.sampled_addmm(pattern, y, rows.t(), beta=0.0).values().view(B, k)
+        return torch.empty_like(vals).scatter_(1, perm, vals)
     out = torch.empty(B, k, dtype=y.dtype, device=y.device)
     chunk = max(1, (_CHUNK * 32) // max(k, 1))
     for s in range(0, B, chunk):
@@ -132,24 +146,29 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return SparseDecode.apply(values, indices, W_dec)
 
 
-def subset_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, dense_values: Tensor) -> Tensor:
-    """Differentiable [B, m] pre-activations of the latents ``rows``, given their values.
+def subset_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, local_idx: Tensor, values: Tensor) -> Tensor:
+    """Dense [B, m] block of the latents ``rows``: ReLU(values) at ``local_idx``, 0 elsewhere.
 
-    Used for AuxK when the dead latents are few enough that a dense [B, m] block beats
-    gathers (m = number of dead latents, not n). Gradients land only in ``rows``.
+    ``values`` are the pre-activations <W_enc[rows[l]], x> + b_enc[rows[l]] at the selected
+    local positions. Used for AuxK when the dead latents are few enough that a dense
+    [B, m] block beats gathers (m = number of dead latents, not n). Gradients land only in
+    the selected, positive entries and hence only in ``rows``.
     """
-    return _SubsetEncode.apply(x, W_enc, b_enc, rows, dense_values)
+    return _SubsetEncode.apply(x, W_enc, b_enc, rows, local_idx, values)
 
 
 class _SubsetEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, rows, dense_values):
-        ctx.save_for_backward(x, W_enc, rows)
-        return dense_values.clone()
+    def forward(ctx, x, W_enc, b_enc, rows, local_idx, values):
+        dense = torch.zeros(x.shape[0], rows.numel(), dtype=values.dtype, device=values.device)
+        dense.scatter_(1, local_idx, values.relu())
+        ctx.save_for_backward(x, W_enc, rows, dense > 0)
+        return dense
 
     @staticmethod
     def backward(ctx, grad):
-        x, W_enc, rows = ctx.saved_tensors
+        x, W_enc, rows, keep = ctx.saved_tensors
+        grad = grad * keep
         gx = gW = gb = None
         if ctx.needs_input_grad[0]:
             gx = (grad @ W_enc[rows].to(grad.dtype)).to(x.dtype)
@@ -159,4 +178,4 @@ class _SubsetEncode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gb = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
             gb[rows] = grad.sum(0).to(W_enc.dtype)
-        return gx, gW, gb, None, None
+        return gx, gW, gb, None, None, None

@@ -52,10 +52,16 @@ def test_subset_encode_gradcheck_and_rows():
     rows = torch.tensor([1, 4, 5, 9])
     W.requires_grad_(); b.requires_grad_(); x.requires_grad_()
 
+    local = torch.tensor([[0, 2], [1, 3], [0, 1], [2, 3], [3, 0]])
+
     def f(x, W, b):
         with torch.no_grad():
-            vals = x @ W[rows].t() + b[rows]
-        return kernels.subset_encode(x, W, b, rows, vals)
+            vals = (x @ W[rows].t() + b[rows]).gather(1, local)
+        return kernels.subset_encode(x, W, b, rows, local, vals)
+
+    dense = (x @ W[rows].t() + b[rows]).relu()
+    expect = torch.zeros_like(dense).scatter(1, local, dense.gather(1, local))
+    torch.testing.assert_close(f(x, W, b), expect)
 
     assert torch.autograd.gradcheck(f, (x, W, b))
     f(x, W, b).sum().backward()

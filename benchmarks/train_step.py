@@ -1,0 +1,139 @@
+"""Tokens/s of the full TopK SAE training step against the floor, in one run.
+
+    python benchmarks/train_step.py                      # CPU, the default shapes
+    python benchmarks/train_step.py --shapes 576,16384,32,4096 --threads 2
+    python benchmarks/train_step.py --device cuda --precision bf16-mixed --shapes 768,32768,32,131072
+
+Floor: one dense encoder GEMM + top-k at the same shapes, no grad (PAPER.md, "Kernels") —
+what any TopK SAE must spend per batch. Step: what SAEModule does per optimizer step —
+forward with AuxK on (~10% of latents dead), backward, removal of the gradient parallel to
+decoder rows, gradient clipping, fused Adam, decoder renormalisation, firing counters.
+"naive" is the same step with plain dense autograd (dense [B, n] latents) for reference.
+Prints tokens/s and the ratio step/floor (higher is better, 1.0 is the bound).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+from sae_lit.sae import TopKSAE
+
+DEFAULT_SHAPES = ["576,16384,32,4096", "576,4096,32,4096", "768,32768,32,2048"]
+
+
+def timeit(fn, sync, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]  # median
+
+
+def make_step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, autocast, naive: bool = False):
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.int64, device=x.device)
+
+    def step():
+        with autocast():
+            if naive:
+                out_nmse, values, indices = naive_forward(sae, x)
+                loss = out_nmse
+            else:
+                out = sae(x, dead_mask=dead)
+                loss = out.nmse + out.auxk_loss / 32
+                values, indices = out.values, out.indices
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            counts = torch.bincount(indices[values > 0], minlength=sae.num_latents)
+            tokens_since_fired.add_(x.shape[0])
+            tokens_since_fired[counts > 0] = 0
+
+    return step
+
+
+def naive_forward(sae: TopKSAE, x: torch.Tensor):
+    """Dense autograd reference: [B, n] latents, dense decoder matmul, dense backward."""
+    x_n, _ = sae.normalize_input(x)
+    pre = (x_n - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
+    v, i = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, i, v.relu())
+    recon = z @ sae.W_dec + sae.b_dec
+    nmse = (recon - x_n).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+    return nmse, v.relu(), i
+
+
+def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int, naive: bool) -> dict:
+    torch.manual_seed(0)
+    sae = TopKSAE(d, n, k, seed=0).to(device)
+    x = torch.randn(B, d, device=device) * 3 + 1
+    sae.init_from_data(x[:4096])
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    dead[torch.randperm(n, device=device)[: n // 10]] = True  # ~10% dead: AuxK on
+    if device == "cuda":
+        sync = torch.cuda.synchronize
+    else:
+        sync = lambda: None  # noqa: E731
+    if precision == "bf16-mixed":
+        autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+
+    x_n = sae.normalize_input(x)[0]
+
+    def floor():
+        # The same GEMM code path as the step (incl. its reused output buffer on CPU).
+        with torch.no_grad(), autocast():
+            pre = sae._dense_pre_acts(x_n - sae.b_dec)
+            pre.topk(k, dim=-1, sorted=False)
+
+    res = {"shape": f"d={d} n={n} k={k} B={B}"}
+    t_floor = timeit(floor, sync, reps)
+    t_step = timeit(make_step(sae, x, dead, autocast), sync, reps)
+    res.update(floor_tok_s=B / t_floor, step_tok_s=B / t_step, ratio=t_floor / t_step)
+    if naive:
+        sae2 = TopKSAE(d, n, k, seed=0).to(device)
+        t_naive = timeit(make_step(sae2, x, dead, autocast, naive=True), sync, reps)
+        res.update(naive_tok_s=B / t_naive, naive_ratio=t_floor / t_naive)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="d,n,k,B tuples")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-naive", action="store_true", help="skip the dense-autograd reference")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}")
+    header = f"{'shape':<32} {'floor tok/s':>12} {'step tok/s':>12} {'step/floor':>10}"
+    if not args.no_naive:
+        header += f" {'naive tok/s':>12} {'naive/floor':>11}"
+    print(header)
+    for spec in args.shapes:
+        d, n, k, B = (int(v) for v in spec.split(","))
+        r = bench(d, n, k, B, args.device, args.precision, args.reps, not args.no_naive)
+        line = f"{r['shape']:<32} {r['floor_tok_s']:>12.0f} {r['step_tok_s']:>12.0f} {r['ratio']:>10.3f}"
+        if "naive_ratio" in r:
+            line += f" {r['naive_tok_s']:>12.0f} {r['naive_ratio']:>11.3f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Invariants of the TopK SAE that users rely on (PAPER.md, "Model" and "Training details")."""
+import math
+
+import pytest
+import torch
+
+from sae_lit.sae import TopKSAE, geometric_median
+
+
+def _sae(d=16, n=64, k=4, **kw):
+    torch.manual_seed(0)
+    return TopKSAE(d, n, k, seed=0, **kw).double()
+
+
+def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
+    """The paper's equations with plain dense autograd: the ground truth for the kernels."""
+    x_n = x * sae.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
+    k_sel = 4 * sae.k if sae.multi_topk else sae.k
+    v, i = pre.topk(k_sel, dim=-1)
+    z_all = torch.zeros_like(pre).scatter(1, i, v.relu())
+    z_k = torch.zeros_like(pre).scatter(1, i[:, : sae.k], v[:, : sae.k].relu())
+    var = (x_n - x_n.mean(0)).pow(2).sum()
+    recon = z_k @ sae.W_dec + sae.b_dec
+    nmse = (recon - x_n).pow(2).sum() / var
+    multi = ((z_all @ sae.W_dec + sae.b_dec - x_n).pow(2).sum() / var) if sae.multi_topk else nmse * 0
+    aux = nmse * 0
+    if dead is not None and dead.any():
+        e = (x_n - recon).detach()
+        pre_aux = (x_n.detach() - sae.b_dec.detach()) @ sae.W_enc.t() + sae.b_enc
+        pre_aux = pre_aux.masked_fill(~dead, -math.inf)
+        n_dead = int(dead.sum())
+        av, ai = pre_aux.topk(min(sae.k_aux, n_dead), dim=-1)
+        z_aux = torch.zeros_like(pre).scatter(1, ai, av.relu())
+        e_hat = z_aux @ sae.W_dec
+        aux = min(n_dead / sae.k_aux, 1.0) * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return recon / sae.input_scale, nmse, aux, multi
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 5, 40])
+def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead):
+    sae = _sae(k_aux=8, multi_topk=multi_topk)
+    x = torch.randn(32, 16, dtype=torch.float64) * 3 + 1
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    # 40 dead latents take the gather path of AuxK, 5 the dense-subset path.
+    out = sae(x, dead_mask=dead)
+    loss = out.nmse + out.auxk_loss + out.multi_topk_nmse
+    grads = torch.autograd.grad(loss, list(sae.parameters()))
+    recon, nmse, aux, multi = _dense_reference(sae, x, dead)
+    ref_grads = torch.autograd.grad(nmse + aux + multi, list(sae.parameters()))
+    torch.testing.assert_close(out.reconstruction, recon)
+    torch.testing.assert_close(out.nmse, nmse)
+    torch.testing.assert_close(out.auxk_loss, aux)
+    torch.testing.assert_close(out.multi_topk_nmse, multi)
+    for g, r, name in zip(grads, ref_grads, ["W_dec", "W_enc", "b_enc", "b_dec"]):
+        torch.testing.assert_close(g, r, msg=lambda m: f"{name}: {m}")
+
+
+def test_l0_equals_k_and_indices_distinct():
+    sae = _sae()
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # all pre-activations positive: the ReLU keeps all k
+    v, i = sae.encode(torch.randn(50, 16, dtype=torch.float64))
+    assert v.shape == i.shape == (50, 4)
+    assert ((v > 0).sum(-1) == 4).all()
+    assert all(len(set(row.tolist())) == 4 for row in i)
+
+
+def test_values_are_the_k_largest_pre_activations_relud():
+    sae = _sae()
+    x = torch.randn(20, 16, dtype=torch.float64)
+    pre = sae.pre_acts(x * sae.input_scale)
+    v, i = sae.encode(x)
+    top = pre.topk(4, dim=-1).values
+    torch.testing.assert_close(v.sort(-1).values, top.relu().sort(-1).values)
+
+
+def test_tied_init_and_unit_norm_decoder():
+    sae = _sae()
+    torch.testing.assert_close(sae.W_enc, sae.W_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+    untied = TopKSAE(16, 64, 4, tied_init=False, seed=0)
+    assert not torch.allclose(untied.W_enc, untied.W_dec)
+
+
+def test_projected_gradient_is_orthogonal_to_decoder_rows():
+    sae = _sae()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    dots = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert dots.abs().max() < 1e-10
+
+
+def test_unit_norm_after_an_optimizer_step():
+    sae = _sae()
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    out = sae(x)
+    out.nmse.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+
+
+def test_auxk_zero_without_dead_and_positive_with_dead_only_into_dead_rows():
+    sae = _sae(k_aux=8)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    none = sae(x, dead_mask=torch.zeros(64, dtype=torch.bool))
+    assert none.auxk_loss.item() == 0.0 and torch.isfinite(none.auxk_loss)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[10:20] = True
+    out = sae(x, dead_mask=dead)
+    assert out.auxk_loss.item() > 0
+    sae.zero_grad()
+    out.auxk_loss.backward()
+    for p in (sae.W_enc, sae.W_dec):
+        assert p.grad[~dead].abs().max() == 0, "AuxK gradient leaked into live latents"
+        assert p.grad[dead].abs().max() > 0
+    assert sae.b_dec.grad is None or sae.b_dec.grad.abs().max() == 0
+
+
+def test_auxk_never_nan_on_constant_batch():
+    sae = _sae(k_aux=8)
+    x = torch.ones(8, 16, dtype=torch.float64)
+    sae.init_from_data(torch.randn(32, 16, dtype=torch.float64))
+    out = sae(x, dead_mask=torch.ones(64, dtype=torch.bool))
+    assert torch.isfinite(out.auxk_loss)
+
+
+def test_auxk_scaled_by_fraction_of_k_aux_when_few_dead():
+    sae = _sae(k_aux=8)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:2] = True
+    out = sae(x, dead_mask=dead)
+    _, _, aux, _ = _dense_reference(sae, x, dead)
+    torch.testing.assert_close(out.auxk_loss, aux)  # includes the 2/8 factor
+
+
+def test_multi_topk_uses_4k_latents():
+    sae = _sae(multi_topk=True)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    out = sae(x)
+    assert out.values.shape[1] == 4  # the reported code is the k-sparse one
+    x_n = x * sae.input_scale
+    recon_16 = sae.reconstruct(x, k=16) * sae.input_scale
+    expect = (x_n - recon_16).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+    torch.testing.assert_close(out.multi_topk_nmse, expect)
+
+
+def test_geometric_median_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    pts = torch.cat([torch.randn(30, 2, generator=g), torch.randn(5, 2, generator=g) * 20 + 50])
+    med = geometric_median(pts.double())
+
+    def cost(p):
+        return (pts.double() - p).norm(dim=1).sum()
+
+    grid = torch.stack(torch.meshgrid(torch.linspace(-3, 3, 301), torch.linspace(-3, 3, 301), indexing="ij"), -1)
+    best = min(grid.reshape(-1, 2).double(), key=lambda p: 0).clone()
+    costs = (pts.double()[None] - grid.reshape(-1, 1, 2).double()).norm(dim=-1).sum(-1)
+    best = grid.reshape(-1, 2)[costs.argmin()].double()
+    assert cost(med) <= costs.min() + 1e-6
+    assert (med - best).norm() < 0.05
+    # far from the outlier-dragged mean
+    assert (med - pts.double().mean(0)).norm() > 5
+
+
+def test_init_from_data_sets_scale_and_median():
+    sae = TopKSAE(16, 64, 4, seed=0)
+    x = torch.randn(500, 16) * 7 + 3
+    sae.init_from_data(x)
+    x_n = x * sae.input_scale
+    assert abs(x_n.pow(2).sum(1).mean().item() - 16) < 1e-3
+    torch.testing.assert_close(sae.b_dec, geometric_median(x_n), rtol=1e-4, atol=1e-4)
+    assert bool(sae.initialized)
+
+
+def test_layer_norm_mode_round_trips_raw_space():
+    sae = TopKSAE(16, 64, 16, normalize="layer_norm", seed=0)
+    x = torch.randn(10, 16) * 5 + 2
+    sae.init_from_data(x)
+    out = sae(x)
+    mu, std = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
+    x_n = (x - mu) / std
+    v, i = (((x_n - sae.b_dec) @ sae.W_enc.t()) + sae.b_enc).topk(16, dim=-1)
+    manual = (torch.zeros(10, 64).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec) * std + mu
+    torch.testing.assert_close(out.reconstruction, manual, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.reconstruct(x), manual, atol=1e-4, rtol=1e-4)
+
+
+def test_relu_baseline_trains_dense_with_l1():
+    sae = TopKSAE(16, 64, 1, activation="relu", seed=0)
+    x = torch.randn(32, 16)
+    sae.init_from_data(x)
+    out = sae(x)
+    assert out.l1_loss > 0 and out.values.shape == (32, 64)
+    (out.nmse + 0.1 * out.l1_loss).backward()
+    assert sae.W_enc.grad is not None
