@@ -1,0 +1,312 @@
+"""Build the activation cache: text -> subject LM (stopped at the hookpoint) -> shards + manifest.
+
+    python -m sae_lit.cache --config configs/quickstart.yaml      # uses its data: section
+    python -m sae_lit.cache --model gpt2 --hookpoint resid_post.8 --cache_dir data/cache/gpt2-l8
+
+The build is deterministic (document order, packing, block numbering depend only on the
+config), so an interrupted build resumes at shard granularity: shards already on disk are
+skipped (their text is re-tokenised, which is cheap, but not re-run through the model) and the
+result is identical to an uninterrupted build.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sae_lit import shards as sh
+from sae_lit.corpus import make_corpus, pack_contexts, special_ids
+from sae_lit.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    cache_dir: str = "data/cache/quickstart"
+    # subject model: "smollm2-135m" (embedded), a hub id, a local folder or a .gguf file
+    model: str = "smollm2-135m"
+    # "resid_post.L" or a module path such as "model.layers.5.mlp"
+    hookpoint: str = "resid_post.15"
+    # "embedded", local .txt/.jsonl/.parquet path(s) or folder(s), or "hf:<dataset>[:<config>][@split]"
+    corpus: str | list[str] = "embedded"
+    context_length: int = 128
+    train_tokens: int = 2_000_000
+    val_tokens: int = 100_000
+    # storage dtype of activations: "float16" or "bfloat16"
+    dtype: str = "float16"
+    # shard size; several shards per rank and worker let DDP split by shard
+    tokens_per_shard: int = 32_768
+    # contexts per subject-model forward
+    model_batch_size: int = 16
+    device: str = "auto"
+    # dtype of the subject model's weights: "auto" = float32 on CPU, bfloat16 on GPU
+    model_dtype: str = "auto"
+    # seeds the document split and document order
+    seed: int = 0
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    # tokens (BOS excluded) kept in sample.npy for the normalisation constant and b_pre init
+    sample_tokens: int = 32_768
+
+    @property
+    def blocks_per_shard(self) -> int:
+        return max(1, self.tokens_per_shard // self.context_length)
+
+    def corpus_obj(self):
+        return make_corpus(self.corpus, self.val_fraction, self.seed, self.text_field)
+
+    def expected(self, fingerprint: str | None = None) -> dict:
+        """The manifest keys this config pins (shards.MATCH_KEYS)."""
+        if self.dtype not in sh.DTYPES:
+            raise ValueError(f"dtype must be one of {sh.DTYPES}, got {self.dtype!r}.")
+        return {
+            "format_version": sh.FORMAT_VERSION,
+            "model": canonical_model(self.model),
+            "hookpoint": self.hookpoint,
+            "dtype": self.dtype,
+            "context_length": self.context_length,
+            "source_fingerprint": fingerprint if fingerprint is not None else self.corpus_obj().fingerprint(),
+            "train_tokens_requested": self.train_tokens,
+            "val_tokens_requested": self.val_tokens,
+            "blocks_per_shard": self.blocks_per_shard,
+        }
+
+
+@dataclass
+class BuildResult:
+    manifest: dict
+    seconds: float  # wall time of the tokenise -> forward -> write loop (model loading excluded)
+    tokens_computed: int  # tokens run through the model (0 if everything was already cached)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+def missing_shards(cache_dir, manifest: dict) -> list[str]:
+    return [
+        s["file"]
+        for split in manifest.get("splits", {}).values()
+        for s in split["shards"]
+        if not (Path(cache_dir) / s["file"]).exists()
+    ]
+
+
+def cache_is_complete(cfg: CacheConfig, fingerprint: str | None = None) -> bool:
+    """True if cache_dir holds a finished cache for this config; raises if it holds another's."""
+    manifest = sh.read_manifest(cfg.cache_dir)
+    if manifest is None:
+        return False
+    sh.check_manifest(manifest, cfg.expected(fingerprint), cfg.cache_dir)
+    return bool(manifest.get("complete")) and not missing_shards(cfg.cache_dir, manifest)
+
+
+def build_cache(
+    cfg: CacheConfig,
+    progress: bool = True,
+    subject: tuple | None = None,
+    on_shard: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Build (or finish) the cache for `cfg`. `subject` = (model, tokenizer) already loaded, for
+    benchmarks; `on_shard(path)` is called after each shard lands (tests interrupt from it)."""
+    cache_dir = Path(cfg.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    corpus = cfg.corpus_obj()
+    expected = cfg.expected(corpus.fingerprint())
+    manifest = sh.read_manifest(cache_dir)
+    if manifest is not None:
+        sh.check_manifest(manifest, expected, cache_dir)
+        if manifest.get("complete") and not missing_shards(cache_dir, manifest):
+            return BuildResult(manifest, 0.0, 0)
+    # Recorded before any shard, so a resumed build is checked against the config it started with.
+    sh.write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
+
+    device = resolve_device(cfg.device)
+    if subject is None:
+        subject = (load_model(cfg.model, device, cfg.model_dtype), load_tokenizer(cfg.model))
+    model, tokenizer = subject
+    forward = HookedForward(model, cfg.hookpoint)
+    device = next(model.parameters()).device
+
+    targets = {"train": cfg.train_tokens // cfg.context_length, "val": cfg.val_tokens // cfg.context_length}
+    if min(targets.values()) < 1:
+        raise ValueError(f"train_tokens and val_tokens must each be at least context_length ({cfg.context_length}).")
+    bar = _progress_bar(sum(targets.values()) * cfg.context_length, progress)
+    start, computed, splits = time.perf_counter(), 0, {}
+    try:
+        for split in ("train", "val"):
+            splits[split], n = _write_split(cfg, split, targets[split], corpus, tokenizer, forward, device, bar, on_shard)
+            computed += n
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    manifest = _finalize(cfg, expected, splits, tokenizer, forward)
+    sh.write_json_atomic(cache_dir / sh.MANIFEST, manifest)
+    log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
+    return BuildResult(manifest, seconds, computed)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="caching activations", disable=not enabled, smoothing=0.1)
+
+
+def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, on_shard) -> tuple[dict, int]:
+    T, bps = cfg.context_length, cfg.blocks_per_shard
+    contexts = itertools.islice(pack_contexts(corpus.documents(split), tokenizer, T), n_blocks)
+    shards, computed, first = [], 0, 0
+    for index in itertools.count():
+        batch = list(itertools.islice(contexts, bps))
+        if not batch:
+            break
+        path = Path(cfg.cache_dir) / sh.shard_name(split, index)
+        if not path.exists():
+            _write_shard(path, split, first, batch, forward, device, cfg, bar)
+            computed += len(batch) * T
+            if on_shard is not None:
+                on_shard(str(path))
+        else:
+            bar.update(len(batch) * T)
+        shards.append({"file": path.name, "blocks": len(batch), "first_block": first})
+        first += len(batch)
+    if first < n_blocks:
+        log.warning(
+            "corpus %s ran out: the %s split has %d tokens, %d were asked for.",
+            cfg.corpus, split, first * T, n_blocks * T,
+        )
+    if first == 0:
+        raise ValueError(f"The {split} split of corpus {cfg.corpus!r} is empty; add text or raise val_fraction ({cfg.val_fraction}).")
+    return {"tokens": first * T, "blocks": first, "shards": shards}, computed
+
+
+def _write_shard(path, split, first, batch, forward, device, cfg, bar) -> None:
+    tokens = np.stack([c.tokens for c in batch])
+    writer = sh.ShardWriter(path)
+    try:
+        for lo in range(0, len(batch), cfg.model_batch_size):
+            ids = torch.from_numpy(tokens[lo : lo + cfg.model_batch_size]).long().to(device)
+            with torch.inference_mode():
+                acts = sh.encode_acts(forward(ids), cfg.dtype)
+            for j, row in enumerate(acts):
+                ctx = batch[lo + j]
+                head = ctx.docs[0]
+                meta = {"doc_id": head["id"], "source": head["source"], "offset": head["offset"], "docs": ctx.docs}
+                writer.add(sh.block_key(split, first + lo + j), row, ctx.tokens, meta)
+            bar.update(len(acts) * cfg.context_length)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
+    """Sample non-BOS train tokens spread over the whole split (not the first shard: documents
+    are ordered by hash, but one shard is still only a few dozen documents) and derive the
+    normalisation constant from it. Read back from disk so a resumed build gets the same."""
+    cache_dir = Path(cfg.cache_dir)
+    train = splits["train"]
+    rng = np.random.default_rng(cfg.seed)
+    T, n_blocks = cfg.context_length, train["blocks"]
+    per_block = min(T - 1, max(16, math.ceil(cfg.sample_tokens / n_blocks)))
+    chosen = np.sort(rng.choice(n_blocks, size=min(n_blocks, math.ceil(cfg.sample_tokens / per_block)), replace=False))
+    rows = []
+    for shard in train["shards"]:
+        lo, hi = shard["first_block"], shard["first_block"] + shard["blocks"]
+        wanted = set(chosen[(chosen >= lo) & (chosen < hi)].tolist())
+        if not wanted:
+            continue
+        for block in sh.iter_shard(str(cache_dir / shard["file"]), shard["blocks"], keep=wanted.__contains__, with_meta=False):
+            positions = 1 + rng.choice(T - 1, size=per_block, replace=False)
+            rows.append(block.acts[np.sort(positions)])
+    sample = np.concatenate(rows)[: cfg.sample_tokens]
+    sample = sample[rng.permutation(len(sample))]  # any prefix is then an unbiased subsample
+    x = sh.decode_acts(sample, cfg.dtype).double()
+    mean_sq_norm = float((x * x).sum(-1).mean())
+    d_in = int(sample.shape[-1])
+    _save_npy_atomic(cache_dir / "sample.npy", sample)
+
+    bos, sep = special_ids(tokenizer)
+    return {
+        **expected,
+        "corpus": cfg.corpus if isinstance(cfg.corpus, str) else list(cfg.corpus),
+        "model_name": hub_name(cfg.model),
+        "hook_name": forward.hookpoint.module_path,
+        "d_in": d_in,
+        "bos_token_id": int(bos),
+        "separator_token_id": int(sep),
+        "train_tokens": train["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "num_shards": {s: len(v["shards"]) for s, v in splits.items()},
+        "splits": splits,
+        # s such that E||s x||^2 = d_in over non-BOS train tokens (the released OpenAI training
+        # code's single constant; see PAPER.md "Input normalisation").
+        "norm_scale": math.sqrt(d_in / mean_sq_norm),
+        "mean_sq_norm": mean_sq_norm,
+        "sample": {"file": "sample.npy", "tokens": int(len(sample))},
+        "complete": True,  # last key: readers trust nothing else until it is there
+    }
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    tmp.replace(path)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _config_defaults(path: str) -> dict:
+    """Flat CacheConfig keys, or a LightningCLI config's `data:` (or `data.init_args:`) section;
+    keys CacheConfig does not know (batch_size, ...) belong to the datamodule and are ignored."""
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    section = cfg.get("data", cfg)
+    section = section.get("init_args", section) if isinstance(section, dict) else {}
+    names = {f.name for f in dataclasses.fields(CacheConfig)}
+    return {k: v for k, v in section.items() if k in names}
+
+
+def main(argv: Sequence[str] | None = None) -> BuildResult:
+    import argparse
+
+    from jsonargparse import ArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = ArgumentParser(prog="python -m sae_lit.cache", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML with CacheConfig keys, or a LightningCLI config (its data: section)")
+    parser.add_class_arguments(CacheConfig)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if known.config:
+        parser.set_defaults(_config_defaults(known.config))
+    args = parser.parse_args(rest)
+    cfg = CacheConfig(**{f.name: args[f.name] for f in dataclasses.fields(CacheConfig)})
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = build_cache(cfg, progress=not args.quiet)
+    m = result.manifest
+    print(
+        f"{cfg.cache_dir}: {m['train_tokens']} train + {m['val_tokens']} val tokens, d_in {m['d_in']}, "
+        f"norm_scale {m['norm_scale']:.4g}"
+        + (f", {result.tokens_per_second:.0f} tokens/s" if result.tokens_computed else " (already complete)")
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

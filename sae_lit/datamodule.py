@@ -1,0 +1,246 @@
+"""ActivationDataModule: builds the activation cache if needed, then streams it.
+
+Batches are raw float32 activations [batch_size, d_in] (not normalised: the SAE side multiplies
+by `norm_scale`). Division between DDP ranks uses the attached trainer's global_rank and
+world_size, never environment variables, so it is right under any launcher and testable
+with a stand-in trainer.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sae_lit import shards as sh
+from sae_lit.cache import CacheConfig, build_cache, cache_is_complete
+from sae_lit.streams import ShardRef, TrainStream, ValStream
+from sae_lit.subject import hookpoint_info, hub_name
+
+log = logging.getLogger(__name__)
+
+
+class ActivationDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        cache_dir: str = "data/cache/quickstart",
+        model: str = "smollm2-135m",
+        hookpoint: str = "resid_post.15",
+        corpus: str | list[str] = "embedded",
+        context_length: int = 128,
+        train_tokens: int = 2_000_000,
+        val_tokens: int = 100_000,
+        dtype: str = "float16",
+        batch_size: int = 4096,
+        val_batch_size: int | None = None,
+        shuffle_buffer: int = 131_072,
+        num_workers: int = 0,
+        exclude_bos: bool = True,
+        skip_corrupt_shards: bool = False,
+        tokens_per_shard: int = 32_768,
+        model_batch_size: int = 16,
+        device: str = "auto",
+        model_dtype: str = "auto",
+        seed: int = 0,
+        val_fraction: float = 0.05,
+        text_field: str = "text",
+        sample_tokens: int = 32_768,
+        progress: bool = True,
+    ):
+        """
+        Args:
+            cache_dir: where manifest.json and the shards live (built on first use).
+            model: subject LM: "smollm2-135m" (embedded GGUF), hub id, local folder or .gguf file.
+            hookpoint: "resid_post.L" (output of block L) or a module path ("model.layers.5.mlp").
+            corpus: "embedded", local .txt/.jsonl/.parquet file(s)/folder(s), or "hf:<dataset>[:<config>][@split]".
+            context_length: tokens per context, BOS included.
+            train_tokens, val_tokens: tokens to cache per split (BOS positions included).
+            dtype: storage dtype of the cache, "float16" or "bfloat16".
+            batch_size: tokens per training batch. val_batch_size: per validation batch (default batch_size).
+            shuffle_buffer: tokens held by each loader process for token-level shuffling.
+            num_workers: DataLoader workers for the training stream.
+            exclude_bos: drop each context's BOS position from train/val batches (kept in the cache).
+            skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
+            tokens_per_shard, model_batch_size, device, model_dtype, seed, val_fraction, text_field,
+            sample_tokens: cache-building options, see sae_lit.cache.CacheConfig.
+            progress: show the cache-building progress bar.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.cache_config = CacheConfig(
+            cache_dir=cache_dir, model=model, hookpoint=hookpoint, corpus=corpus, context_length=context_length,
+            train_tokens=train_tokens, val_tokens=val_tokens, dtype=dtype, tokens_per_shard=tokens_per_shard,
+            model_batch_size=model_batch_size, device=device, model_dtype=model_dtype, seed=seed,
+            val_fraction=val_fraction, text_field=text_field, sample_tokens=sample_tokens,
+        )
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
+        self.exclude_bos, self.skip_corrupt_shards, self.seed = exclude_bos, skip_corrupt_shards, seed
+        self.progress = progress
+        self._skipped: set[str] = set()
+        self._worker_skips = None  # shared counter, created when worker processes are used
+
+        # d_in is needed before the cache exists (the CLI links it into the SAE's constructor):
+        # a finished cache knows it; otherwise the model config does (no weights are loaded).
+        self._fingerprint = self.cache_config.corpus_obj().fingerprint()
+        self.manifest: dict | None = None
+        if cache_is_complete(self.cache_config, self._fingerprint):
+            self.manifest = sh.read_manifest(cache_dir)
+            self.d_in: int = int(self.manifest["d_in"])
+        else:
+            self.d_in = int(hookpoint_info(model, hookpoint)[1])
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the cache if missing or incomplete. Lightning calls this on one process per node."""
+        if not cache_is_complete(self.cache_config, self._fingerprint):
+            build_cache(self.cache_config, progress=self.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_manifest()
+
+    def _load_manifest(self) -> dict:
+        cache_dir = self.cache_config.cache_dir
+        manifest = sh.read_manifest(cache_dir)
+        if manifest is None or not manifest.get("complete"):
+            raise sh.CacheError(
+                f"No complete activation cache in {cache_dir}; call prepare_data() (the Trainer does) or "
+                f"`python -m sae_lit.cache --cache_dir {cache_dir} ...` first."
+            )
+        sh.check_manifest(manifest, self.cache_config.expected(self._fingerprint), cache_dir)
+        if int(manifest["d_in"]) != self.d_in:
+            raise sh.CacheError(
+                f"{cache_dir}/manifest.json says d_in={manifest['d_in']} but the model config gave {self.d_in} for "
+                f"hookpoint {self.cache_config.hookpoint!r}; the SAE would be built with the wrong width."
+            )
+        self.manifest = manifest
+        return manifest
+
+    def _ensure_manifest(self) -> dict:
+        return self.manifest if self.manifest is not None else self._load_manifest()
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _shards(self, split: str) -> list[ShardRef]:
+        root = Path(self.cache_config.cache_dir)
+        return [
+            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"])
+            for s in self._ensure_manifest()["splits"][split]["shards"]
+        ]
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return (self.cache_config.context_length, self.d_in)
+
+    def _on_skip(self, url: str) -> None:
+        self._skipped.add(url)
+
+    def _on_worker_skip(self, url: str) -> None:
+        with self._worker_skips.get_lock():
+            self._worker_skips.value += 1
+
+    @property
+    def skipped_shards(self) -> int:
+        """Corrupt shards skipped so far (skip_corrupt_shards=True), including in loader workers."""
+        return len(self._skipped) + (self._worker_skips.value if self._worker_skips is not None else 0)
+
+    def __getstate__(self):
+        # A multiprocessing.Value only travels to worker processes by inheritance.
+        state = dict(self.__dict__)
+        state["_worker_skips"] = None
+        return state
+
+    # --- data ------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        on_skip = self._on_skip
+        if self.num_workers > 0:
+            self._worker_skips = self._worker_skips or multiprocessing.Value("i", 0)
+            on_skip = self._on_worker_skip
+        stream = TrainStream(
+            self._shards("train"), self._shape, self._ensure_manifest()["dtype"], self.batch_size, self.shuffle_buffer,
+            self.exclude_bos, self.seed, rank, world, self.skip_corrupt_shards, on_skip,
+        )
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _val_loader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        stream = ValStream(
+            self._shards("val"), self._shape, self._ensure_manifest()["dtype"], self.val_batch_size,
+            self.exclude_bos, rank, world, self.skip_corrupt_shards, self._on_skip,
+        )
+        # In-process: the validation set is small, and one reader keeps the batch order fixed.
+        return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._val_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._val_loader()
+
+    # --- for initialisation, export and evaluation -------------------------------------------
+
+    @property
+    def norm_scale(self) -> float | None:
+        """s with E||s·x||² = d_in over non-BOS train tokens; None until the cache exists."""
+        return None if self.manifest is None else float(self.manifest["norm_scale"])
+
+    def init_sample(self, n: int = 32768) -> torch.Tensor:
+        """[n, d_in] float32 non-BOS train activations spread over the whole split, the same on
+        every rank: the cache's sample.npy, or for n beyond it an evenly strided pass over all
+        train shards."""
+        manifest = self._ensure_manifest()
+        sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
+        if n <= manifest["sample"]["tokens"]:
+            return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
+        rows_per_block = self.cache_config.context_length - 1
+        total = manifest["splits"]["train"]["blocks"] * rows_per_block
+        if total < n:
+            log.warning("init_sample: the train split has %d non-BOS tokens, fewer than the %d asked for.", total, n)
+        wanted = np.unique(np.linspace(0, total - 1, num=min(n, total)).astype(np.int64))
+        parts = []
+        for shard in self._shards("train"):
+            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+                lo = block.index * rows_per_block
+                picked = wanted[np.searchsorted(wanted, lo) : np.searchsorted(wanted, lo + rows_per_block)]
+                parts.append(block.acts[1:][picked - lo])
+        return sh.decode_acts(np.concatenate(parts), manifest["dtype"])
+
+    def iter_blocks(self, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All blocks of a split in order as (tokens [T] int64, acts [T, d_in] float32), BOS
+        included - for evaluations that need the text (downstream loss, probes, dashboards)."""
+        dtype = self._ensure_manifest()["dtype"]
+        for shard in self._shards(split):
+            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+                yield torch.from_numpy(block.tokens.astype(np.int64)), sh.decode_acts(block.acts, dtype)
+
+    def export_metadata(self) -> dict:
+        """SAELens cfg.json `metadata`."""
+        if self.manifest is not None:
+            hook_name = self.manifest["hook_name"]
+        else:
+            hook_name = hookpoint_info(self.cache_config.model, self.cache_config.hookpoint)[0].module_path
+        return {
+            "model_name": hub_name(self.cache_config.model),
+            "hook_name": hook_name,
+            "hookpoint": self.cache_config.hookpoint,
+            "context_size": self.cache_config.context_length,
+            "prepend_bos": True,
+        }
