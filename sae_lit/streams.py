@@ -11,6 +11,7 @@ How data is divided between processes:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -159,18 +160,20 @@ class ValStream(IterableDataset):
         return self.num_batches
 
     def _blocks(self) -> Iterator[np.ndarray]:
-        # Own range first; if corrupt shards were skipped, wrap around the rest of the split so
-        # this rank still yields num_batches (overlapping another rank beats a DDP deadlock).
+        # Own range first. If corrupt shards were skipped, carry on through the whole split (and
+        # round again) so this rank still yields num_batches: overlapping another rank's data
+        # beats a DDP deadlock in the validation loop.
         order = [s for s in self.shards if s.first_block + s.blocks > self.lo and s.first_block < self.hi]
-        order += [s for s in self.shards if s not in order]
-        in_range = lambda i: self.lo <= i < self.hi  # noqa: E731
-        bad = set()
-        for pass_keep in (in_range, lambda i: not in_range(i)):
-            for shard in order:
+        bad: set[str] = set()
+        passes = itertools.chain([(order, lambda i: self.lo <= i < self.hi)], itertools.repeat((self.shards, None)))
+        for shards, keep in passes:
+            produced = False
+            for shard in shards:
                 if shard.url in bad:
                     continue
                 try:
-                    for block in iter_shard(shard.url, shard.blocks, self.shape, keep=pass_keep, with_meta=False):
+                    for block in iter_shard(shard.url, shard.blocks, self.shape, keep=keep, with_meta=False):
+                        produced = True
                         yield _rows(block.acts, self.exclude_bos)
                 except CorruptShardError:
                     if not self.skip_corrupt:
@@ -179,6 +182,8 @@ class ValStream(IterableDataset):
                     log.warning("skipping corrupt validation shard %s", shard.url)
                     if self.on_skip is not None:
                         self.on_skip(shard.url)
+            if keep is None and not produced:
+                raise CorruptShardError(self.shards[0].url, "every validation shard was skipped as corrupt")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         pending, size, emitted = [], 0, 0
@@ -194,5 +199,3 @@ class ValStream(IterableDataset):
                 if emitted == self.num_batches:
                     return
                 pending, size = [pool[n * self.batch_size :]], len(pool) - n * self.batch_size
-        if emitted < self.num_batches:
-            raise CorruptShardError(self.shards[0].url, f"validation data ran out after {emitted} of {self.num_batches} batches")
