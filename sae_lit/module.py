@@ -237,6 +237,7 @@ class SAEModule(L.LightningModule):
         self.export_metadata = checkpoint.get("sae_lit_export_metadata", {})
 
     def on_fit_end(self) -> None:
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
         if not self.trainer.is_global_zero:
             return
         from sae_lit.export import export_sae
@@ -245,7 +246,6 @@ class SAEModule(L.LightningModule):
         if final:
             print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
 
-        root = self.trainer.log_dir or self.trainer.default_root_dir
         out = export_sae(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
         print(f"Exported SAE to {out}")
 

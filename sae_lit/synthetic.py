@@ -14,15 +14,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 
 class _SyntheticStream(IterableDataset):
-    def __init__(self, dm: "SyntheticActivationDataModule", seed: int, num_batches: int | None, batch_ids=None):
-        self.dm, self.seed, self.num_batches, self.batch_ids = dm, seed, num_batches, batch_ids
+    def __init__(self, dm: "SyntheticActivationDataModule", seed: int, num_batches: int | None, batch_ids=None, start=0):
+        self.dm, self.seed, self.num_batches, self.batch_ids, self.start = dm, seed, num_batches, batch_ids, start
 
     def __iter__(self):
         if self.batch_ids is not None:
             for b in self.batch_ids:
                 yield self.dm.make_batch(self.seed * 1_000_003 + b)
             return
-        b = 0
+        b = self.start
         while self.num_batches is None or b < self.num_batches:
             yield self.dm.make_batch(self.seed * 1_000_003 + b)
             b += 1
@@ -74,7 +74,9 @@ class SyntheticActivationDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         rank, _ = self._rank_world()
-        return DataLoader(_SyntheticStream(self, self.seed + 1 + rank, None), batch_size=None)
+        # Resume where a restored run left off, so a resumed fit sees the same batches.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(_SyntheticStream(self, self.seed + 1 + rank, None, start=start), batch_size=None)
 
     def val_dataloader(self):
         rank, world = self._rank_world()

@@ -1,0 +1,150 @@
+"""SAEModule through a real Lightning Trainer on synthetic activations."""
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from sae_lit.export import export_sae, load_sae
+from sae_lit.module import SAEModule, default_lr
+from sae_lit.synthetic import SyntheticActivationDataModule
+
+
+def _trainer(tmp_path, max_steps=30, **kw):
+    kw.setdefault("val_check_interval", max_steps)
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, check_val_every_n_epoch=None,
+        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=5, gradient_clip_val=1.0, **kw,
+    )
+
+
+def _module(**kw):
+    kw = {"num_latents": 256, "k": 8, "dead_tokens": 4096, "warmup_steps": 5, "lr": 2e-3, "histogram_every_n_steps": 20, **kw}
+    return SAEModule(d_in=32, **kw)
+
+
+def _dm(**kw):
+    return SyntheticActivationDataModule(d_in=32, num_features=256, batch_size=512, **kw)
+
+
+def test_default_lr_scales_inverse_sqrt():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_fit_reduces_nmse_keeps_invariants_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model, dm = _module(), _dm()
+    trainer = _trainer(tmp_path, max_steps=60)
+    trainer.fit(model, dm)
+    m = trainer.callback_metrics
+    assert m["val/nmse"] < 0.5, m
+    assert m["val/explained_variance"] == pytest.approx(1 - m["val/nmse"].item())
+    assert m["val/l0"] <= 8
+    torch.testing.assert_close(model.sae.W_dec.norm(dim=1), torch.ones(256))
+    assert bool(model.sae.initialized)
+    out = Path(trainer.log_dir) / "sae"
+    assert (out / "cfg.json").exists() and (out / "sae_weights.safetensors").exists()
+    # TensorBoard got the metrics named in DESIGN.md
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(trainer.log_dir)).Reload()
+    tags = set(ev.Tags()["scalars"])
+    for t in ["train/loss", "train/nmse", "train/auxk", "train/l0", "train/dead_frac",
+              "val/nmse", "val/explained_variance", "val/l0", "val/dead_frac"]:
+        assert t in tags, (t, tags)
+    assert "train/latent_density" in ev.Tags()["histograms"]
+
+
+def test_dead_latents_counted_and_revived_by_auxk(tmp_path):
+    model, dm = _module(dead_tokens=1024), _dm()
+    with torch.no_grad():  # kill half the latents: they never win the top-k
+        model.sae.b_enc[:128] = -1e3
+    trainer = _trainer(tmp_path, max_steps=4)
+    trainer.fit(model, dm)
+    assert (model.tokens_since_fired[:128] >= 1024).all()
+    assert trainer.callback_metrics["train/dead_frac"] >= 0.5
+    assert trainer.callback_metrics["train/auxk"] > 0
+
+
+def test_export_takes_raw_activations_and_round_trips(tmp_path):
+    model, dm = _module(), _dm()
+    _trainer(tmp_path, max_steps=10).fit(model, dm)
+    sae = model.sae
+    x = dm.make_batch(123)
+    out = export_sae(sae, tmp_path / "exp", metadata={"model_name": "m", "hook_name": "h"})
+    # SAELens conventions, computed by hand from the files: x - b_dec, @ W_enc + b_enc,
+    # top-k then ReLU, @ W_dec + b_dec.
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "sae_weights.safetensors"))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert w["W_enc"].shape == (32, 256) and w["W_dec"].shape == (256, 32)
+    assert w["b_enc"].shape == (256,) and w["b_dec"].shape == (32,)
+    for key in ["architecture", "d_in", "d_sae", "k", "dtype", "device", "apply_b_dec_to_input",
+                "normalize_activations", "metadata"]:
+        assert key in cfg
+    assert cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
+    assert cfg["apply_b_dec_to_input"] is True
+    torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(256))
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    v, i = pre.topk(cfg["k"], dim=-1)
+    recon_file = torch.zeros_like(pre).scatter(1, i, v.relu()) @ w["W_dec"] + w["b_dec"]
+    # our model on normalised inputs, mapped back to raw space
+    x_n = x * sae.input_scale
+    v2, i2 = sae.select(sae.pre_acts(x_n))
+    recon_model = sae.decode(v2, i2) / sae.input_scale
+    torch.testing.assert_close(recon_file, recon_model, rtol=1e-4, atol=1e-4)
+    loaded = load_sae(out)
+    torch.testing.assert_close(loaded.reconstruct(x), recon_model, rtol=1e-4, atol=1e-4)
+
+
+def test_export_cli_from_checkpoint(tmp_path):
+    from sae_lit.export import main
+
+    model, dm = _module(), _dm()
+    trainer = _trainer(tmp_path, max_steps=5)
+    trainer.fit(model, dm)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    main([str(ckpt), str(tmp_path / "out")])
+    loaded = load_sae(tmp_path / "out")
+    x = dm.make_batch(5)
+    torch.testing.assert_close(loaded.reconstruct(x), model.sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["metadata"]["model_name"] == "synthetic"
+
+
+def test_resume_gives_identical_weights_and_counters(tmp_path):
+    def run(steps, ckpt=None, root=tmp_path / "a"):
+        L.seed_everything(0)
+        model, dm = _module(dead_tokens=2048), _dm()
+        trainer = _trainer(root, max_steps=steps, val_check_interval=10)
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return model, trainer
+
+    straight, _ = run(20, root=tmp_path / "straight")
+    first, t1 = run(10, root=tmp_path / "first")
+    ckpt = tmp_path / "half.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed, _ = run(20, ckpt=str(ckpt), root=tmp_path / "resumed")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    assert straight.tokens_seen == resumed.tokens_seen == 20 * 512
+
+
+def test_ema_weights_used_for_validation(tmp_path):
+    model, dm = _module(ema_decay=0.9), _dm()
+    _trainer(tmp_path, max_steps=10).fit(model, dm)
+    assert model.eval_sae is model.ema
+    assert not torch.equal(model.ema.W_enc, model.sae.W_enc)
+    torch.testing.assert_close(model.ema.W_dec.norm(dim=1), torch.ones(256))
+
+
+def test_multi_topk_and_relu_baseline_train(tmp_path):
+    for kw in ({"multi_topk": True}, {"activation": "relu", "l1_coeff": 1e-3}):
+        model, dm = _module(**kw), _dm()
+        trainer = _trainer(tmp_path, max_steps=10)
+        trainer.fit(model, dm)
+        assert torch.isfinite(trainer.callback_metrics["val/nmse"])
