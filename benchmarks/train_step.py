@@ -24,17 +24,21 @@ from sae_lit.sae import TopKSAE
 DEFAULT_SHAPES = ["576,16384,32,4096", "576,4096,32,4096", "768,32768,32,2048"]
 
 
-def timeit(fn, sync, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns: dict, sync, reps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, timed in alternation so that load from
+    other processes hits all of them alike (the ratios are what we report)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]  # median
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def make_step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, autocast, naive: bool = False):
@@ -99,14 +103,16 @@ def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int
             pre = sae._dense_pre_acts(x_n - sae.b_dec)
             pre.topk(k, dim=-1, sorted=False)
 
-    res = {"shape": f"d={d} n={n} k={k} B={B}"}
-    t_floor = timeit(floor, sync, reps)
-    t_step = timeit(make_step(sae, x, dead, autocast), sync, reps)
-    res.update(floor_tok_s=B / t_floor, step_tok_s=B / t_step, ratio=t_floor / t_step)
+    fns = {"floor": floor, "step": make_step(sae, x, dead, autocast)}
     if naive:
         sae2 = TopKSAE(d, n, k, seed=0).to(device)
-        t_naive = timeit(make_step(sae2, x, dead, autocast, naive=True), sync, reps)
-        res.update(naive_tok_s=B / t_naive, naive_ratio=t_floor / t_naive)
+        sae2.init_from_data(x[:4096])
+        fns["naive"] = make_step(sae2, x, dead, autocast, naive=True)
+    t = time_interleaved(fns, sync, reps)
+    res = {"shape": f"d={d} n={n} k={k} B={B}", "floor_tok_s": B / t["floor"], "step_tok_s": B / t["step"],
+           "ratio": t["floor"] / t["step"]}
+    if naive:
+        res.update(naive_tok_s=B / t["naive"], naive_ratio=t["floor"] / t["naive"])
     return res
 
 

@@ -53,7 +53,10 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
         g = torch.sparse_csr_tensor(
             crow, cols, weights.reshape(-1)[order], size=(num_rows, B), check_invariants=False
         )
-        return g @ x
+        # beta=0 into an uninitialised buffer: `g @ x` would zero-fill and copy a dense
+        # [num_rows, d] result first, costing twice the spmm itself.
+        out = torch.empty(num_rows, d, dtype=x.dtype)
+        return torch.addmm(out, g, x, beta=0.0, out=out)
     out = torch.zeros(num_rows, d, dtype=x.dtype, device=x.device)
     chunk = max(1, (_CHUNK * 32) // max(k, 1))
     for s in range(0, B, chunk):
@@ -179,3 +182,80 @@ class _SubsetEncode(torch.autograd.Function):
             gb = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
             gb[rows] = grad.sum(0).to(W_enc.dtype)
         return gx, gW, gb, None, None, None
+
+
+class TopKTrainStep(torch.autograd.Function):
+    """The whole differentiable part of a TopK SAE training forward, with one fused backward.
+
+    Inputs are the parameters plus what the no-grad GEMM + top-k already selected. Outputs:
+    the k-sparse reconstruction, the Multi-TopK reconstruction from all selected latents
+    (empty when off) and the AuxK reconstruction of the dead latents (empty when off).
+    Doing the backward by hand lets every weight gradient be written into one buffer per
+    parameter (the AuxK rows added in place) instead of autograd allocating, zero-filling
+    and summing a dense [n, d] gradient per use, and gives b_dec's gradient through the
+    encoder as one GEMV instead of a [B, d] gather. The input x_c is treated as data.
+    """
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, W_dec, b_dec, x_c, top_i, top_v, k: int, multi: bool,
+                dead_rows, aux_local, aux_v, aux_dense: bool):
+        ctx.set_materialize_grads(False)
+        v = top_v.relu()
+        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec) + b_dec
+        empty = recon_k.new_empty(0)
+        recon_all = gather_sum(top_i, v, W_dec) + b_dec if multi else empty
+        aux_hat, z, W_dead = empty, None, None
+        if dead_rows is not None:
+            z_vals = aux_v.relu()
+            if aux_dense:
+                z = torch.zeros(x_c.shape[0], dead_rows.numel(), dtype=z_vals.dtype, device=z_vals.device)
+                z.scatter_(1, aux_local, z_vals)
+                W_dead = W_dec[dead_rows]
+                aux_hat = z @ W_dead
+            else:
+                z = z_vals
+                aux_hat = gather_sum(dead_rows[aux_local], z_vals, W_dec)
+        ctx.k, ctx.multi, ctx.aux_dense = k, multi, aux_dense
+        ctx.save_for_backward(W_enc, W_dec, x_c, top_i, top_v, dead_rows, aux_local, aux_v, z, W_dead)
+        return recon_k, recon_all, aux_hat
+
+    @staticmethod
+    def backward(ctx, g_k, g_all, g_aux):
+        W_enc, W_dec, x_c, top_i, top_v, dead_rows, aux_local, aux_v, z, W_dead = ctx.saved_tensors
+        k, n = ctx.k, W_enc.shape[0]
+        v = top_v.relu()
+        # d loss / d latent values of the main code
+        g_v = torch.zeros_like(top_v)
+        gW_dec = None
+        gb_dec = torch.zeros_like(x_c[0])
+        if g_k is not None:
+            g_v[:, :k] += gather_dot(top_i[:, :k], W_dec, g_k)
+            gW_dec = scatter_outer(top_i[:, :k], v[:, :k], g_k, n)
+            gb_dec += g_k.sum(0)
+        if ctx.multi and g_all is not None:
+            g_v += gather_dot(top_i, W_dec, g_all)
+            gW = scatter_outer(top_i, v, g_all, n)
+            gW_dec = gW if gW_dec is None else gW_dec.add_(gW)
+            gb_dec += g_all.sum(0)
+        g_v.masked_fill_(top_v <= 0, 0.0)
+        gW_enc = scatter_outer(top_i, g_v, x_c, n)
+        gb_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device)
+        gb_enc.index_add_(0, top_i.reshape(-1), g_v.reshape(-1))
+        # pre = W_enc (x - b_dec) + b_enc: sum_{b,j} g_bj W_enc[i_bj] = (per-latent sums) @ W_enc
+        gb_dec -= gb_enc @ W_enc
+        if gW_dec is None:
+            gW_dec = torch.zeros_like(W_dec)
+        if g_aux is not None and dead_rows is not None:
+            # AuxK rows only; its input is detached, so nothing reaches b_dec or live latents.
+            if ctx.aux_dense:
+                g_z = (g_aux @ W_dead.t()).masked_fill_(z <= 0, 0.0)
+                gW_dec.index_add_(0, dead_rows, z.t() @ g_aux)
+                gW_enc.index_add_(0, dead_rows, g_z.t() @ x_c)
+                gb_enc.index_add_(0, dead_rows, g_z.sum(0))
+            else:
+                idx = dead_rows[aux_local]
+                g_z = gather_dot(idx, W_dec, g_aux).masked_fill_(aux_v <= 0, 0.0)
+                gW_dec += scatter_outer(idx, z, g_aux, n)
+                gW_enc += scatter_outer(idx, g_z, x_c, n)
+                gb_enc.index_add_(0, idx.reshape(-1), g_z.reshape(-1))
+        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None

@@ -169,22 +169,37 @@ class TopKSAE(nn.Module):
                     aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
             del pre
 
-        values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, top_i, top_v).relu()
+        has_dead = dead_rows is not None and dead_rows.numel() > 0
         denom = losses.total_variance(x_norm)
-        recon_k = kernels.sparse_decode(values[:, : self.k], top_i[:, : self.k], self.W_dec) + self.b_dec
+        zero = denom.new_zeros(())
+        if not x.requires_grad:
+            # Fast path: one fused backward for all weight gradients (kernels.TopKTrainStep).
+            aux_dense = has_dead and self._aux_is_dense(aux_v.shape[1], dead_rows.numel())
+            recon_k, recon_all, aux_hat = kernels.TopKTrainStep.apply(
+                self.W_enc, self.b_enc, self.W_dec, self.b_dec, x_c.detach(), top_i, top_v, self.k,
+                self.multi_topk, dead_rows if has_dead else None, aux_local if has_dead else None,
+                aux_v if has_dead else None, aux_dense,
+            )
+            values = top_v.relu()
+        else:
+            # Composable path (gradients w.r.t. the input too), e.g. for attribution.
+            values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, top_i, top_v).relu()
+            recon_k = kernels.sparse_decode(values[:, : self.k], top_i[:, : self.k], self.W_dec) + self.b_dec
+            recon_all = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec if self.multi_topk else None
+            aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local) if has_dead else None
+
         nmse = losses.nmse(x_norm, recon_k, denom)
-        zero = nmse.new_zeros(())
-        multi = zero
-        if self.multi_topk:
-            recon_4k = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec
-            multi = losses.nmse(x_norm, recon_4k, denom)
-
+        multi = losses.nmse(x_norm, recon_all, denom) if self.multi_topk else zero
         auxk = zero
-        if dead_rows is not None and dead_rows.numel() > 0:
-            auxk = self._auxk(x_c.detach(), x_norm - recon_k.detach(), dead_rows, aux_v, aux_local)
-
+        if has_dead:
+            auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, dead_rows.numel(), self.k_aux)
         recon = self.denormalize(recon_k, stats)
         return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero)
+
+    @staticmethod
+    def _aux_is_dense(k_aux: int, n_dead: int) -> bool:
+        # At >= 1/8 density a dense [B, n_dead] block (GEMMs) beats gathers and scatters.
+        return k_aux * 8 >= n_dead
 
     def _dense_pre_acts(self, x_c: Tensor) -> Tensor:
         """W_enc x_c + b_enc for all latents, into a reused buffer on CPU.
@@ -200,21 +215,16 @@ class TopKSAE(nn.Module):
             buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
         return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=buf)
 
-    def _auxk(self, x_c: Tensor, residual: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
-        """AuxK: the top-k_aux dead latents reconstruct the main residual (decoded without
-        b_dec). The input is detached, so this loss trains only the dead latents' encoder
-        and decoder rows; it never moves b_dec or live latents."""
-        n_dead = dead_rows.numel()
-        k_aux = aux_v.shape[1]
-        if k_aux * 8 >= n_dead:
-            # Dense over the dead subset [B, n_dead]: at this density GEMMs beat gathers.
+    def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
+        """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).
+        The input is detached, so AuxK trains only the dead latents' encoder and decoder
+        rows; it never moves b_dec or live latents."""
+        if self._aux_is_dense(aux_v.shape[1], dead_rows.numel()):
             z = kernels.subset_encode(x_c, self.W_enc, self.b_enc, dead_rows, aux_local, aux_v)
-            residual_hat = z @ self.W_dec[dead_rows]
-        else:
-            idx = dead_rows[aux_local]
-            z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
-            residual_hat = kernels.sparse_decode(z, idx, self.W_dec)
-        return losses.auxk_loss(residual, residual_hat, n_dead, self.k_aux)
+            return z @ self.W_dec[dead_rows]
+        idx = dead_rows[aux_local]
+        z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
+        return kernels.sparse_decode(z, idx, self.W_dec)
 
     def _forward_relu(self, x_norm: Tensor, stats) -> ForwardOutput:
         # The paper's ReLU+L1 baseline is dense by nature: every latent can fire.

@@ -37,9 +37,10 @@ def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
     return recon / sae.input_scale, nmse, aux, multi
 
 
+@pytest.mark.parametrize("input_grad", [False, True], ids=["fused", "composable"])
 @pytest.mark.parametrize("multi_topk", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 5, 40])
-def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead):
+def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead, input_grad):
     sae = _sae(k_aux=8, multi_topk=multi_topk)
     x = torch.randn(32, 16, dtype=torch.float64) * 3 + 1
     sae.init_from_data(x)
@@ -48,7 +49,7 @@ def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead):
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
     # 40 dead latents take the gather path of AuxK, 5 the dense-subset path.
-    out = sae(x, dead_mask=dead)
+    out = sae(x.clone().requires_grad_(input_grad), dead_mask=dead)
     loss = out.nmse + out.auxk_loss + out.multi_topk_nmse
     grads = torch.autograd.grad(loss, list(sae.parameters()))
     recon, nmse, aux, multi = _dense_reference(sae, x, dead)
