@@ -198,7 +198,7 @@ class TopKTrainStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, x_c, top_i, top_v, k: int, multi: bool,
-                dead_rows, aux_local, aux_v, aux_dense: bool):
+                dead_rows, aux_local, aux_v, aux_dense: bool, aux_dtype: torch.dtype | None = None):
         ctx.set_materialize_grads(False)
         v = top_v.relu()
         recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec) + b_dec
@@ -208,10 +208,13 @@ class TopKTrainStep(torch.autograd.Function):
         if dead_rows is not None:
             z_vals = aux_v.relu()
             if aux_dense:
-                z = torch.zeros(x_c.shape[0], dead_rows.numel(), dtype=z_vals.dtype, device=z_vals.device)
-                z.scatter_(1, aux_local, z_vals)
-                W_dead = W_dec[dead_rows]
-                aux_hat = z @ W_dead
+                # aux_dtype (e.g. bf16) runs AuxK's four [B, n_dead] GEMMs in lower precision
+                # with fp32 accumulation, as autocast would; the main loss is unaffected.
+                dt = aux_dtype or z_vals.dtype
+                z = torch.zeros(x_c.shape[0], dead_rows.numel(), dtype=dt, device=z_vals.device)
+                z.scatter_(1, aux_local, z_vals.to(dt))
+                W_dead = W_dec[dead_rows].to(dt)
+                aux_hat = (z @ W_dead).to(W_dec.dtype)
             else:
                 z = z_vals
                 aux_hat = gather_sum(dead_rows[aux_local], z_vals, W_dec)
@@ -248,14 +251,16 @@ class TopKTrainStep(torch.autograd.Function):
         if g_aux is not None and dead_rows is not None:
             # AuxK rows only; its input is detached, so nothing reaches b_dec or live latents.
             if ctx.aux_dense:
+                dt = z.dtype
+                g_aux = g_aux.to(dt)
                 g_z = (g_aux @ W_dead.t()).masked_fill_(z <= 0, 0.0)
-                gW_dec.index_add_(0, dead_rows, z.t() @ g_aux)
-                gW_enc.index_add_(0, dead_rows, g_z.t() @ x_c)
-                gb_enc.index_add_(0, dead_rows, g_z.sum(0))
+                gW_dec.index_add_(0, dead_rows, (z.t() @ g_aux).to(gW_dec.dtype))
+                gW_enc.index_add_(0, dead_rows, (g_z.t() @ x_c.to(dt)).to(gW_enc.dtype))
+                gb_enc.index_add_(0, dead_rows, g_z.sum(0, dtype=gb_enc.dtype))
             else:
                 idx = dead_rows[aux_local]
                 g_z = gather_dot(idx, W_dec, g_aux).masked_fill_(aux_v <= 0, 0.0)
                 gW_dec += scatter_outer(idx, z, g_aux, n)
                 gW_enc += scatter_outer(idx, g_z, x_c, n)
                 gb_enc.index_add_(0, idx.reshape(-1), g_z.reshape(-1))
-        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None
+        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None

@@ -209,3 +209,19 @@ def test_relu_baseline_trains_dense_with_l1():
     assert out.l1_loss > 0 and out.values.shape == (32, 64)
     (out.nmse + 0.1 * out.l1_loss).backward()
     assert sae.W_enc.grad is not None
+
+
+def test_auxk_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 3
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:20] = True
+    ref, fast = TopKSAE(16, 64, 4, k_aux=8, seed=0), TopKSAE(16, 64, 4, k_aux=8, seed=0, auxk_bf16=True)
+    for s in (ref, fast):
+        s.init_from_data(x)
+    a, b = ref(x, dead), fast(x, dead)
+    torch.testing.assert_close(b.auxk_loss, a.auxk_loss, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(b.nmse, a.nmse)  # main loss untouched
+    ga = torch.autograd.grad(a.nmse + a.auxk_loss, ref.W_enc)[0]
+    gb = torch.autograd.grad(b.nmse + b.auxk_loss, fast.W_enc)[0]
+    torch.testing.assert_close(gb, ga, rtol=5e-2, atol=5e-3)
