@@ -10,8 +10,10 @@ documents with training would make validation NMSE optimistic.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ def _kjv_file() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def _kjv_chapters() -> dict[str, str]:
     # A chapter is the document: verses are too short to be documents, books too few to split.
     chapters: dict[str, list[str]] = {}
@@ -67,14 +70,18 @@ def _kjv_chapters() -> dict[str, str]:
     return {k: "\n".join(lines) for k, lines in chapters.items()}
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[tuple[str, Path], ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root)
-        if not _SKIP_DIRS.intersection(rel.parts[:-1]):
-            files.append((f"stdlib/{rel.as_posix()}", p))
-    return sorted(files)
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruned while walking: site-packages alone can hold far more files than the stdlib.
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        for name in filenames:
+            if name.endswith(".py"):
+                p = Path(dirpath) / name
+                files.append((f"stdlib/{p.relative_to(root).as_posix()}", p))
+    return tuple(sorted(files))
 
 
 class EmbeddedCorpus:
@@ -100,16 +107,7 @@ class EmbeddedCorpus:
         }
 
     def fingerprint(self) -> str:
-        from pydoc_data.topics import topics
-
-        h = hashlib.sha256()
-        h.update(hashlib.sha256(_kjv_file().read_bytes()).digest())
-        h.update(json.dumps(topics, sort_keys=True).encode())
-        # The stdlib differs between Python builds; names and sizes pin it without reading 30 MB.
-        for doc_id, p in _stdlib_files():
-            h.update(f"{doc_id}:{p.stat().st_size}\n".encode())
-        h.update(f"{sys.version_info[:3]}|{self.val_fraction}|{self.seed}".encode())
-        return "embedded:" + h.hexdigest()[:16]
+        return _embedded_fingerprint(self.val_fraction, self.seed)
 
     def documents(self, split: str) -> Iterator[Document]:
         queues = {}
@@ -130,12 +128,28 @@ class EmbeddedCorpus:
             yield Document(doc_id, name, text)
 
 
+@functools.lru_cache(maxsize=8)
+def _embedded_fingerprint(val_fraction: float, seed: int) -> str:
+    from pydoc_data.topics import topics
+
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(_kjv_file().read_bytes()).digest())
+    h.update(json.dumps(topics, sort_keys=True).encode())
+    # The stdlib differs between Python builds; names and sizes pin it without reading 30 MB.
+    for doc_id, p in _stdlib_files():
+        h.update(f"{doc_id}:{p.stat().st_size}\n".encode())
+    h.update(f"{sys.version_info[:3]}|{val_fraction}|{seed}".encode())
+    return "embedded:" + h.hexdigest()[:16]
+
+
 # --- local files -----------------------------------------------------------------------------
 
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
 # A .txt file is cut at line boundaries into documents of about this size so that a corpus of
 # one big file still has a held-out split.
 TXT_DOC_CHARS = 65536
+# Files up to this size are hashed whole for the source fingerprint.
+FULL_HASH_BYTES = 256 << 20
 
 
 def _expand_paths(paths: Sequence[str]) -> list[Path]:
@@ -211,10 +225,18 @@ class FileCorpus:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for p in self.paths:
-            h.update(f"{p.name}\n".encode())
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}\n".encode())
             with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+                if size <= FULL_HASH_BYTES:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                else:
+                    # Hashing gigabytes on every datamodule construction would take minutes; the
+                    # size plus both ends catch replaced or appended files.
+                    h.update(f.read(1 << 22))
+                    f.seek(size - (1 << 22))
+                    h.update(f.read())
         h.update(f"|{self.val_fraction}|{self.seed}|{self.text_field}|{TXT_DOC_CHARS}".encode())
         return "files:" + h.hexdigest()[:16]
 
