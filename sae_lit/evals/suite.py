@@ -1,0 +1,219 @@
+"""The whole evaluation suite: what it needs (EvalData), what it costs (EvalConfig budgets), and
+one function that runs the enabled evals and returns a JSON-ready report plus figures.
+
+Used by the callbacks (during validation and `python main.py test`) and by
+`python -m sae_lit.evaluate`; nothing here knows about Lightning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_lit.evals.result import EvalResult
+
+log = logging.getLogger(__name__)
+
+EVALS = ("downstream", "shrinkage", "progressive", "probes", "ablation", "n2g")
+LM_EVALS = {"downstream", "probes", "ablation", "n2g"}  # need the subject LM and token blocks
+
+
+@dataclass
+class EvalConfig:
+    # list[str]: evals to run, any of downstream, shrinkage, progressive, probes, ablation, n2g
+    evals: list[str] = field(default_factory=lambda: list(EVALS))
+    # int: held-out contexts (cache blocks, BOS first) for the downstream loss; 3 LM forwards each
+    downstream_contexts: int = 32
+    # bool: keep BOS unspliced and unscored (SAEs are trained without BOS)
+    exclude_bos: bool = True
+    # int: contexts per LM forward (downstream, probes)
+    lm_batch_size: int = 8
+    # int: held-out tokens (BOS excluded) for shrinkage and progressive recovery
+    activation_tokens: int = 8192
+    # int: training tokens for the JumpReLU threshold calibration
+    calibration_tokens: int = 8192
+    # int: probe snippets of stdlib code / pydoc prose / KJV per genre (7 genres)
+    probe_code_snippets: int = 96
+    probe_pydoc_snippets: int = 48
+    probe_kjv_snippets_per_genre: int = 24
+    # int: LM tokens per probe snippet
+    probe_snippet_tokens: int = 64
+    # int: examples per class and split for each probe task
+    probe_max_per_class: int = 128
+    # list[str]: extra probe tasks, JSONL files of {"text", "label", "span"?}
+    probe_tasks_jsonl: list[str] = field(default_factory=list)
+    # int: contexts and (latent, token) pairs per context for ablation sparsity
+    ablation_contexts: int = 8
+    ablation_pairs_per_context: int = 8
+    # int: tokens per ablation context (a prefix of a cache block); cost ~ pairs x this
+    ablation_context_length: int = 64
+    # int: latents explained by N2G and held-out blocks scanned (half explain, half test)
+    n2g_latents: int = 32
+    n2g_blocks: int = 64
+    # int: top activations per latent, longest n-gram
+    n2g_top_examples: int = 8
+    n2g_max_suffix: int = 6
+    seed: int = 0
+    # bool: raise the first eval error instead of recording it in the report
+    strict: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.evals) - set(EVALS)
+        if unknown:
+            raise ValueError(f"evals: unknown {sorted(unknown)}; choose from {list(EVALS)}")
+
+
+@dataclass
+class EvalData:
+    """What the evals read. ``model``/``tokenizer``/``tokens`` are None when only activations are
+    available (e.g. the synthetic data module): the LM evals are then skipped with a note."""
+
+    hookpoint: str | None
+    val_acts: Tensor  # [N, d] held-out raw activations, BOS excluded
+    train_acts: Tensor | None = None  # [M, d] for the JumpReLU calibration
+    tokens: Tensor | None = None  # [B, T] held-out blocks, BOS first
+    block_acts: Tensor | None = None  # [B, T, d] their cached activations
+    model: Any = None
+    tokenizer: Any = None
+    bos_id: int | None = None
+    sep_id: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def has_lm(self) -> bool:
+        return self.model is not None and self.tokens is not None
+
+
+_MODELS: dict[tuple, tuple] = {}
+
+
+def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "auto"):
+    """(model, tokenizer), loaded once per process: validation runs every few hundred steps and
+    the embedded model takes ~20 s to de-quantize."""
+    from sae_lit.subject import load_model, load_tokenizer
+
+    key = (spec, str(device), dtype)
+    if key not in _MODELS:
+        _MODELS[key] = (load_model(spec, device, dtype), load_tokenizer(spec))
+    return _MODELS[key]
+
+
+def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu") -> EvalData:
+    """EvalData from an ActivationDataModule (blocks + subject LM), or from any data module with
+    a val_dataloader of activation batches (activation-only evals)."""
+    if hasattr(dm, "iter_blocks") and hasattr(dm, "cache_config"):
+        manifest = dm._ensure_manifest() if hasattr(dm, "_ensure_manifest") else dm.manifest
+        T = int(dm.cache_config.context_length)
+        n_blocks = max(cfg.downstream_contexts, cfg.ablation_contexts, cfg.n2g_blocks,
+                       math.ceil(cfg.activation_tokens / max(T - 1, 1)))
+        toks, acts = [], []
+        for t, a in dm.iter_blocks("val"):
+            toks.append(t)
+            acts.append(a)
+            if len(toks) >= n_blocks:
+                break
+        tokens, block_acts = torch.stack(toks), torch.stack(acts)
+        need_lm = bool(LM_EVALS & set(cfg.evals))
+        model, tokenizer = load_subject(dm.cache_config.model, device) if need_lm else (None, None)
+        train = dm.init_sample(cfg.calibration_tokens) if "progressive" in cfg.evals else None
+        return EvalData(
+            hookpoint=dm.cache_config.hookpoint,
+            val_acts=block_acts[:, 1:].reshape(-1, block_acts.shape[-1])[: cfg.activation_tokens],
+            train_acts=train, tokens=tokens, block_acts=block_acts, model=model, tokenizer=tokenizer,
+            bos_id=manifest.get("bos_token_id"), sep_id=manifest.get("separator_token_id"),
+            info={"cache_dir": str(dm.cache_config.cache_dir), "model": dm.cache_config.model,
+                  "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks)},
+        )
+    if not hasattr(dm, "val_dataloader"):
+        raise TypeError(f"{type(dm).__name__} has neither iter_blocks (ActivationDataModule) nor val_dataloader")
+    xs, n = [], 0
+    for batch in dm.val_dataloader():
+        x = batch["acts"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+        xs.append(x.float().cpu())
+        n += x.shape[0]
+        if n >= cfg.activation_tokens:
+            break
+    train = dm.init_sample(cfg.calibration_tokens) if hasattr(dm, "init_sample") else None
+    return EvalData(hookpoint=None, val_acts=torch.cat(xs)[: cfg.activation_tokens], train_acts=train,
+                    info={"data": type(dm).__name__, "note": "activations only: LM evals skipped"})
+
+
+def _run_one(name: str, sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    if name == "shrinkage":
+        from sae_lit.evals.shrinkage import shrinkage
+
+        return shrinkage(sae, data.val_acts)
+    if name == "progressive":
+        from sae_lit.evals.progressive import progressive_recovery
+
+        return progressive_recovery(sae, data.val_acts, data.train_acts)
+    if name == "downstream":
+        from sae_lit.evals.downstream import downstream_loss
+
+        return downstream_loss(sae, data.model, data.hookpoint, data.tokens[: cfg.downstream_contexts],
+                               batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos)
+    if name == "probes":
+        from sae_lit.evals.probe_tasks import builtin_snippets, load_jsonl_task
+        from sae_lit.evals.probes import probe_eval
+
+        snippets = builtin_snippets(data.tokenizer, cfg.probe_code_snippets, cfg.probe_pydoc_snippets,
+                                    cfg.probe_kjv_snippets_per_genre, cfg.probe_snippet_tokens, cfg.seed)
+        for path in cfg.probe_tasks_jsonl:
+            snippets += load_jsonl_task(path)[1]
+        r = probe_eval(sae, data.model, data.tokenizer, data.hookpoint, snippets, cfg.probe_max_per_class,
+                       batch_size=2 * cfg.lm_batch_size, seed=cfg.seed)
+        from sae_lit.evals.probe_tasks import vader_lexicon
+
+        r.details["vader"] = "used" if vader_lexicon() is not None else "vaderSentiment not installed: vader_* tasks skipped"
+        return r
+    if name == "ablation":
+        from sae_lit.evals.ablation import ablation_sparsity
+
+        ctx = data.tokens[: cfg.ablation_contexts, : cfg.ablation_context_length]
+        return ablation_sparsity(sae, data.model, data.hookpoint, ctx, cfg.ablation_pairs_per_context,
+                                 exclude_bos=cfg.exclude_bos, seed=cfg.seed)
+    if name == "n2g":
+        from sae_lit.evals.n2g import n2g_eval
+
+        B = min(cfg.n2g_blocks, data.tokens.shape[0])
+        mask = data.sep_id if data.sep_id is not None else data.bos_id
+        return n2g_eval(sae, data.model, data.hookpoint, data.tokens[:B], data.block_acts[:B], data.bos_id, mask,
+                        cfg.n2g_latents, cfg.n2g_top_examples, cfg.n2g_max_suffix, tokenizer=data.tokenizer, seed=cfg.seed)
+    raise ValueError(f"unknown eval {name!r}")
+
+
+def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict, dict]:
+    """Run the enabled evals in order; returns (report, figures). An eval that fails is recorded
+    under report["errors"] (unless cfg.strict) so one problem does not lose the others' results."""
+    cfg = cfg or EvalConfig()
+    report: dict = {"metrics": {}, "details": {}, "seconds": {}, "errors": {}, "skipped": {},
+                    "config": dataclasses.asdict(cfg), "data": data.info}
+    figures: dict = {}
+    for name in EVALS:
+        if name not in cfg.evals:
+            continue
+        if name in LM_EVALS and not data.has_lm:
+            report["skipped"][name] = "no subject LM / token blocks (activation-only data)"
+            continue
+        start = time.perf_counter()
+        try:
+            r = _run_one(name, sae, data, cfg)
+        except Exception as e:  # noqa: BLE001 - recorded, see docstring
+            if cfg.strict:
+                raise
+            log.exception("eval %s failed", name)
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            continue
+        report["seconds"][name] = round(time.perf_counter() - start, 2)
+        report["metrics"].update(r.metrics)
+        report["details"][name] = r.details
+        figures.update(r.figures)
+        log.info("eval %s: %s (%.1f s)", name, ", ".join(f"{k}={v:.4g}" for k, v in r.metrics.items()),
+                 report["seconds"][name])
+    return report, figures

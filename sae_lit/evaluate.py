@@ -1,0 +1,163 @@
+"""Evaluate any exported / SAELens-layout SAE folder with the full suite.
+
+    python -m sae_lit.evaluate --sae logs/quickstart/lightning_logs/version_0/sae --config configs/quickstart.yaml
+    python -m sae_lit.evaluate --sae DIR --config CFG --evals.evals '[downstream, probes]' --evals.n2g_latents 16
+
+The config's `data:` section (a LightningCLI config, or flat data-module keys) names the subject
+model, the hookpoint and the activation cache (built if missing); an EvalSuite callback in its
+`trainer.callbacks`, if any, supplies the eval budgets, which `--evals.*` flags override.
+Writes `<out>/report.json`, figures and TensorBoard events; `<out>` defaults to the `eval/`
+folder next to the SAE folder (`<log_dir>/eval` for an SAE exported at the end of fit).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sae_lit.evals.report import close_figures, log_tensorboard, write_report
+from sae_lit.evals.suite import EvalConfig, data_from_datamodule, run_suite
+
+log = logging.getLogger(__name__)
+DEFAULT_DATA = "sae_lit.datamodule.ActivationDataModule"
+
+
+def _read_config(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    return cfg
+
+
+def datamodule_from_config(cfg: dict, path: str = "config"):
+    """Instantiate the config's data module (`data: {class_path, init_args}` or flat keys)."""
+    section = cfg.get("data")
+    if not isinstance(section, dict):
+        raise KeyError(f"{path}: no `data:` section; it names the model, hookpoint and cache to evaluate on")
+    class_path = section.get("class_path", DEFAULT_DATA)
+    init_args = section.get("init_args", {} if "class_path" in section else section)
+    module_name, _, cls_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"{path}: data.class_path {class_path!r} cannot be imported ({e})") from None
+    init_args = {k: v for k, v in init_args.items() if k != "progress"}
+    return cls(**init_args)
+
+
+def eval_defaults_from_config(cfg: dict) -> dict:
+    """init_args.config of the first EvalSuite-like callback in trainer.callbacks, if any."""
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("sae_lit.callbacks"):
+            conf = (cb.get("init_args") or {}).get("config") or {}
+            return {k: v for k, v in conf.items() if k in {f.name for f in dataclasses.fields(EvalConfig)}}
+    return {}
+
+
+def default_out_dir(sae_dir: Path) -> Path:
+    return sae_dir.parent / "eval" if sae_dir.name == "sae" else sae_dir / "eval"
+
+
+def evaluate(sae_dir: str, config_path: str, out_dir: str | None = None, device: str = "auto",
+             eval_cfg: EvalConfig | None = None) -> dict:
+    from sae_lit.export import load_sae
+    from sae_lit.subject import resolve_device
+
+    start = time.perf_counter()
+    cfg = _read_config(config_path)
+    eval_cfg = eval_cfg or EvalConfig(**eval_defaults_from_config(cfg))
+    dev = resolve_device(device)
+    sae = load_sae(sae_dir, device=dev)
+    dm = datamodule_from_config(cfg, config_path)
+    if hasattr(dm, "prepare_data"):
+        dm.prepare_data()
+    if hasattr(dm, "setup"):
+        dm.setup("test")
+    d_in = getattr(dm, "d_in", None)
+    if d_in is not None and int(d_in) != sae.d_in:
+        raise ValueError(f"{sae_dir}/cfg.json has d_in={sae.d_in} but the data of {config_path} has d_in={d_in}: "
+                         f"the SAE was trained on another model or hookpoint.")
+    sae_hook = (getattr(sae, "export_cfg", {}).get("metadata") or {}).get("hook_name")
+    manifest = getattr(dm, "manifest", None) or {}
+    if sae_hook and manifest.get("hook_name") and sae_hook != manifest["hook_name"]:
+        log.warning("%s was exported for hook %s but %s caches %s; evaluating anyway.", sae_dir, sae_hook,
+                    config_path, manifest["hook_name"])
+    data = data_from_datamodule(dm, eval_cfg, device=dev)
+    report, figures = run_suite(sae, data, eval_cfg)
+    report.update(stage="evaluate", sae_dir=str(sae_dir), config_file=str(config_path),
+                  data_config=cfg.get("data"), sae=getattr(sae, "export_cfg", {}),
+                  wall_seconds=round(time.perf_counter() - start, 1))
+    out = Path(out_dir) if out_dir else default_out_dir(Path(sae_dir))
+    path = write_report(report, figures, out, merge=False)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out))
+    log_tensorboard(writer, report["metrics"], figures, 0)
+    writer.close()
+    close_figures(figures)
+    report["report_file"] = str(path)
+    return report
+
+
+def summary(report: dict) -> str:
+    m = report["metrics"]
+    rows = [
+        ("delta CE (nats)", "eval/delta_ce", None), ("KL clean||spliced", "eval/kl", None),
+        ("CE recovered", "eval/ce_recovered", None), ("probe loss", "eval/probe_loss", "eval/probe_loss_residual"),
+        ("N2G precision", "eval/n2g_precision", None), ("N2G recall", "eval/n2g_recall", None),
+        ("ablation sparsity", "eval/ablation_sparsity", "eval/ablation_sparsity_residual"),
+        ("shrinkage", "eval/shrinkage", None), ("NMSE at k", "eval/progressive_nmse_k", None),
+        ("NMSE at 4k", "eval/progressive_nmse_4k", None), ("NMSE JumpReLU", "eval/progressive_nmse_jumprelu", None),
+    ]
+    lines = [f"{'metric':<22}{'SAE':>10}{'residual':>10}"]
+    for label, key, base in rows:
+        if key in m:
+            b = f"{m[base]:>10.4g}" if base and base in m else f"{'':>10}"
+            lines.append(f"{label:<22}{m[key]:>10.4g}{b}")
+    for name, err in report.get("errors", {}).items():
+        lines.append(f"{name}: FAILED {err}")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"{name}: skipped ({why})")
+    lines.append(f"seconds: {report.get('seconds')}, wall {report.get('wall_seconds')} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from jsonargparse import ArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = ArgumentParser(prog="python -m sae_lit.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    parser.add_argument("--config", required=True, help="training config whose data: section names model, hookpoint, cache")
+    parser.add_argument("--out", default=None, help="output folder (default: eval/ next to the SAE folder)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_dataclass_arguments(EvalConfig, "evals")
+    if known.config and Path(known.config).is_file():
+        defaults = eval_defaults_from_config(_read_config(known.config))
+        parser.set_defaults({f"evals.{k}": v for k, v in defaults.items()})
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    eval_cfg = EvalConfig(**{f.name: args.evals[f.name] for f in dataclasses.fields(EvalConfig)})
+    torch.set_grad_enabled(False)
+    report = evaluate(args.sae, args.config, args.out, args.device, eval_cfg)
+    print(summary(report))
+    print(f"Report: {report['report_file']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
