@@ -56,6 +56,9 @@ class CacheConfig:
     text_field: str = "text"
     # tokens (BOS excluded) kept in sample.npy for the normalisation constant and b_pre init
     sample_tokens: int = 32_768
+    # tokens whose activation norm exceeds this multiple of the median norm are outliers, left
+    # out of training, validation and the statistics (kept in the shards); None keeps all
+    outlier_factor: float | None = 10.0
 
     @property
     def blocks_per_shard(self) -> int:
@@ -78,6 +81,7 @@ class CacheConfig:
             "train_tokens_requested": self.train_tokens,
             "val_tokens_requested": self.val_tokens,
             "blocks_per_shard": self.blocks_per_shard,
+            "outlier_factor": self.outlier_factor,
         }
 
 
@@ -211,15 +215,21 @@ def _write_shard(path, split, first, batch, forward, device, cfg, bar) -> None:
 
 
 def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
-    """Sample non-BOS train tokens spread over the whole split (not the first shard: documents
-    are ordered by hash, but one shard is still only a few dozen documents) and derive the
-    normalisation constant from it. Read back from disk so a resumed build gets the same."""
+    """Statistics, read back from disk so a resumed build gets the same.
+
+    A sample of non-BOS train tokens spread over the whole split (not the first shard: one shard
+    is only a few dozen documents) gives the median norm, the outlier threshold and the
+    normalisation constant. Outliers are the "massive activations" some models put on a token
+    near the start of a context (SmolLM2: ~3% of contexts, position 1, norm ~100x the median);
+    left in, a handful of them outweighs the whole rest of a batch in the MSE."""
     cache_dir = Path(cfg.cache_dir)
     train = splits["train"]
     rng = np.random.default_rng(cfg.seed)
     T, n_blocks = cfg.context_length, train["blocks"]
     per_block = min(T - 1, max(16, math.ceil(cfg.sample_tokens / n_blocks)))
-    chosen = np.sort(rng.choice(n_blocks, size=min(n_blocks, math.ceil(cfg.sample_tokens / per_block)), replace=False))
+    # 2% spare so that dropping outliers still leaves sample_tokens.
+    n_chosen = min(n_blocks, math.ceil(1.02 * cfg.sample_tokens / per_block))
+    chosen = np.sort(rng.choice(n_blocks, size=n_chosen, replace=False))
     rows = []
     for shard in train["shards"]:
         lo, hi = shard["first_block"], shard["first_block"] + shard["blocks"]
@@ -229,12 +239,23 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
         for block in sh.iter_shard(str(cache_dir / shard["file"]), shard["blocks"], keep=wanted.__contains__, with_meta=False):
             positions = 1 + rng.choice(T - 1, size=per_block, replace=False)
             rows.append(block.acts[np.sort(positions)])
-    sample = np.concatenate(rows)[: cfg.sample_tokens]
+    sample = np.concatenate(rows)
     sample = sample[rng.permutation(len(sample))]  # any prefix is then an unbiased subsample
+    norms = sh.row_norms(sample, cfg.dtype)
+    median_norm = float(np.median(norms))
+    threshold = cfg.outlier_factor * median_norm if cfg.outlier_factor else math.inf
+    inliers = norms <= threshold
+    sample = sample[inliers][: cfg.sample_tokens]
     x = sh.decode_acts(sample, cfg.dtype).double()
     mean_sq_norm = float((x * x).sum(-1).mean())
     d_in = int(sample.shape[-1])
     _save_npy_atomic(cache_dir / "sample.npy", sample)
+
+    # Validation batch counts must be known exactly before reading (equal on every rank), so
+    # record how many non-BOS tokens of each val block are inliers.
+    for shard in splits["val"]["shards"]:
+        blocks = sh.iter_shard(str(cache_dir / shard["file"]), shard["blocks"], with_meta=False)
+        shard["inliers"] = [int((sh.row_norms(b.acts[1:], cfg.dtype) <= threshold).sum()) for b in blocks]
 
     bos, sep = special_ids(tokenizer)
     return {
@@ -249,10 +270,13 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
         "val_tokens": splits["val"]["tokens"],
         "num_shards": {s: len(v["shards"]) for s, v in splits.items()},
         "splits": splits,
-        # s such that E||s x||^2 = d_in over non-BOS train tokens (the released OpenAI training
-        # code's single constant; see PAPER.md "Input normalisation").
+        # s such that E||s x||^2 = d_in over non-BOS, non-outlier train tokens (the released
+        # OpenAI training code's single constant; see PAPER.md "Input normalisation").
         "norm_scale": math.sqrt(d_in / mean_sq_norm),
         "mean_sq_norm": mean_sq_norm,
+        "median_norm": median_norm,
+        "outlier_threshold": threshold if math.isfinite(threshold) else None,
+        "outlier_fraction": float(1 - inliers.mean()),
         "sample": {"file": "sample.npy", "tokens": int(len(sample))},
         "complete": True,  # last key: readers trust nothing else until it is there
     }

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from sae_lit import shards as sh
 from sae_lit.cache import CacheConfig, build_cache, cache_is_complete
-from sae_lit.streams import ShardRef, TrainStream, ValStream
+from sae_lit.streams import RowFilter, ShardRef, TrainStream, ValStream
 from sae_lit.subject import hookpoint_info, hub_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class ActivationDataModule(L.LightningDataModule):
         shuffle_buffer: int = 131_072,
         num_workers: int = 0,
         exclude_bos: bool = True,
+        exclude_outliers: bool = True,
         skip_corrupt_shards: bool = False,
         tokens_per_shard: int = 32_768,
         model_batch_size: int = 16,
@@ -50,6 +51,7 @@ class ActivationDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         text_field: str = "text",
         sample_tokens: int = 32_768,
+        outlier_factor: float | None = 10.0,
         progress: bool = True,
     ):
         """
@@ -65,9 +67,11 @@ class ActivationDataModule(L.LightningDataModule):
             shuffle_buffer: tokens held by each loader process for token-level shuffling.
             num_workers: DataLoader workers for the training stream.
             exclude_bos: drop each context's BOS position from train/val batches (kept in the cache).
+            exclude_outliers: drop tokens with norm > outlier_factor x the median norm (massive
+                activations, kept in the cache) from train/val batches and init_sample.
             skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
             tokens_per_shard, model_batch_size, device, model_dtype, seed, val_fraction, text_field,
-            sample_tokens: cache-building options, see sae_lit.cache.CacheConfig.
+            sample_tokens, outlier_factor: cache-building options, see sae_lit.cache.CacheConfig.
             progress: show the cache-building progress bar.
         """
         super().__init__()
@@ -77,10 +81,12 @@ class ActivationDataModule(L.LightningDataModule):
             train_tokens=train_tokens, val_tokens=val_tokens, dtype=dtype, tokens_per_shard=tokens_per_shard,
             model_batch_size=model_batch_size, device=device, model_dtype=model_dtype, seed=seed,
             val_fraction=val_fraction, text_field=text_field, sample_tokens=sample_tokens,
+            outlier_factor=outlier_factor,
         )
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
-        self.exclude_bos, self.skip_corrupt_shards, self.seed = exclude_bos, skip_corrupt_shards, seed
+        self.exclude_bos, self.exclude_outliers = exclude_bos, exclude_outliers
+        self.skip_corrupt_shards, self.seed = skip_corrupt_shards, seed
         self.progress = progress
         self._skipped: set[str] = set()
         self._worker_skips = None  # shared counter, created when worker processes are used
@@ -134,9 +140,14 @@ class ActivationDataModule(L.LightningDataModule):
     def _shards(self, split: str) -> list[ShardRef]:
         root = Path(self.cache_config.cache_dir)
         return [
-            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"])
+            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
             for s in self._ensure_manifest()["splits"][split]["shards"]
         ]
+
+    def _row_filter(self) -> RowFilter:
+        manifest = self._ensure_manifest()
+        threshold = manifest.get("outlier_threshold") if self.exclude_outliers else None
+        return RowFilter(manifest["dtype"], self.exclude_bos, threshold)
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -170,7 +181,7 @@ class ActivationDataModule(L.LightningDataModule):
             on_skip = self._on_worker_skip
         stream = TrainStream(
             self._shards("train"), self._shape, self._ensure_manifest()["dtype"], self.batch_size, self.shuffle_buffer,
-            self.exclude_bos, self.seed, rank, world, self.skip_corrupt_shards, on_skip,
+            self._row_filter(), self.seed, rank, world, self.skip_corrupt_shards, on_skip,
         )
         return DataLoader(
             stream,
@@ -184,7 +195,7 @@ class ActivationDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         stream = ValStream(
             self._shards("val"), self._shape, self._ensure_manifest()["dtype"], self.val_batch_size,
-            self.exclude_bos, rank, world, self.skip_corrupt_shards, self._on_skip,
+            self._row_filter(), rank, world, self.skip_corrupt_shards, self._on_skip,
         )
         # In-process: the validation set is small, and one reader keeps the batch order fixed.
         return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
@@ -203,25 +214,28 @@ class ActivationDataModule(L.LightningDataModule):
         return None if self.manifest is None else float(self.manifest["norm_scale"])
 
     def init_sample(self, n: int = 32768) -> torch.Tensor:
-        """[n, d_in] float32 non-BOS train activations spread over the whole split, the same on
-        every rank: the cache's sample.npy, or for n beyond it an evenly strided pass over all
-        train shards."""
+        """[n, d_in] float32 train activations (no BOS, no outliers) spread over the whole split,
+        the same on every rank: the cache's sample.npy, or for n beyond it a strided pass over
+        all train shards."""
         manifest = self._ensure_manifest()
-        sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
         if n <= manifest["sample"]["tokens"]:
+            sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
             return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
-        rows_per_block = self.cache_config.context_length - 1
-        total = manifest["splits"]["train"]["blocks"] * rows_per_block
-        if total < n:
-            log.warning("init_sample: the train split has %d non-BOS tokens, fewer than the %d asked for.", total, n)
-        wanted = np.unique(np.linspace(0, total - 1, num=min(n, total)).astype(np.int64))
-        parts = []
+        rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"))
+        available = manifest["splits"]["train"]["blocks"] * (self.cache_config.context_length - 1)
+        stride = max(1, available // n)
+        parts, have = [], 0
         for shard in self._shards("train"):
             for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
-                lo = block.index * rows_per_block
-                picked = wanted[np.searchsorted(wanted, lo) : np.searchsorted(wanted, lo + rows_per_block)]
-                parts.append(block.acts[1:][picked - lo])
-        return sh.decode_acts(np.concatenate(parts), manifest["dtype"])
+                picked = rows(block.acts)[block.index % stride :: stride]
+                parts.append(picked)
+                have += len(picked)
+            if have >= n:
+                break
+        out = np.concatenate(parts)[:n]
+        if len(out) < n:
+            log.warning("init_sample: the train split has only %d usable tokens, fewer than the %d asked for.", len(out), n)
+        return sh.decode_acts(out, manifest["dtype"])
 
     def iter_blocks(self, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All blocks of a split in order as (tokens [T] int64, acts [T, d_in] float32), BOS

@@ -33,6 +33,7 @@ MATCH_KEYS = (
     "train_tokens_requested",
     "val_tokens_requested",
     "blocks_per_shard",
+    "outlier_factor",
 )
 
 
@@ -118,6 +119,12 @@ def decode_acts(arr: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.ascontiguousarray(arr)).float()
+
+
+def row_norms(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """L2 norm of each row of a storage array, in float32."""
+    x = decode_acts(arr, dtype).numpy() if dtype == "bfloat16" else arr.astype(np.float32)
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

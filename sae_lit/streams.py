@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sae_lit.shards import CorruptShardError, decode_acts, iter_shard
+from sae_lit.shards import CorruptShardError, decode_acts, iter_shard, row_norms
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class ShardRef:
     url: str
     blocks: int
     first_block: int
+    inliers: tuple[int, ...] | None = None  # per block: non-BOS tokens under the outlier threshold (val only)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,26 @@ class Part:
         )
 
 
-def _rows(acts: np.ndarray, exclude_bos: bool) -> np.ndarray:
-    # Position 0 of every block is BOS (see corpus.pack_contexts); its activation is an outlier
-    # (an attention sink with a huge norm) that would dominate the loss.
-    return acts[1:] if exclude_bos else acts
+@dataclass(frozen=True)
+class RowFilter:
+    """Which positions of a block become training/validation rows."""
+
+    dtype: str
+    exclude_bos: bool = True
+    # Norm above which a non-BOS token is an outlier (see cache._finalize); None keeps all.
+    threshold: float | None = None
+
+    def __call__(self, acts: np.ndarray) -> np.ndarray:
+        # Position 0 of every block is BOS (see corpus.pack_contexts): an attention sink with a
+        # huge norm that would dominate the loss. It is judged by exclude_bos alone.
+        body = acts[1:]
+        if self.threshold is not None:
+            body = body[row_norms(body, self.dtype) <= self.threshold]
+        return body if self.exclude_bos else np.concatenate([acts[:1], body])
+
+    def count(self, shape: tuple[int, int], inliers: int | None) -> int:
+        body = shape[0] - 1 if self.threshold is None or inliers is None else inliers
+        return body + (0 if self.exclude_bos else 1)
 
 
 class TrainStream(IterableDataset):
@@ -70,7 +87,7 @@ class TrainStream(IterableDataset):
         dtype: str,
         batch_size: int,
         shuffle_buffer: int,
-        exclude_bos: bool = True,
+        rows: RowFilter,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -87,7 +104,7 @@ class TrainStream(IterableDataset):
             raise ValueError(f"rank {rank} of {world_size} gets no training blocks out of {len(shards)} shards; build a larger cache.")
         self.shape, self.dtype, self.batch_size = tuple(shape), dtype, batch_size
         self.capacity = max(shuffle_buffer, 2 * batch_size)
-        self.exclude_bos, self.seed, self.rank = exclude_bos, seed, rank
+        self.rows, self.seed, self.rank = rows, seed, rank
         self.skip_corrupt, self.on_skip = skip_corrupt, on_skip
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -104,7 +121,7 @@ class TrainStream(IterableDataset):
             shard = shards[rng.integers(len(shards))]
             try:
                 for block in iter_shard(shard.url, shard.blocks, self.shape, keep=part.keep, with_meta=False):
-                    rows = _rows(block.acts, self.exclude_bos)
+                    rows = self.rows(block.acts)
                     buffer.append(rows)
                     size += len(rows)
                     if size >= self.capacity:
@@ -136,7 +153,7 @@ class ValStream(IterableDataset):
         shape: tuple[int, int],
         dtype: str,
         batch_size: int,
-        exclude_bos: bool = True,
+        rows: RowFilter,
         rank: int = 0,
         world_size: int = 1,
         skip_corrupt: bool = False,
@@ -145,16 +162,17 @@ class ValStream(IterableDataset):
         total = sum(s.blocks for s in shards)
         per_rank = total // world_size
         self.lo, self.hi = rank * per_rank, (rank + 1) * per_rank
-        rows_per_block = shape[0] - (1 if exclude_bos else 0)
-        self.num_batches = per_rank * rows_per_block // batch_size
+        counts = [rows.count(shape, n) for s in shards for n in (s.inliers or [None] * s.blocks)]
+        # Dropped outliers make ranges differ slightly; every rank yields the smallest count.
+        self.num_batches = min(sum(counts[r * per_rank : (r + 1) * per_rank]) for r in range(world_size)) // batch_size
         if self.num_batches == 0:
             raise ValueError(
-                f"validation: {total} val blocks of {rows_per_block} tokens over {world_size} rank(s) do not fill one "
+                f"validation: {total} val blocks of {shape[0]} tokens over {world_size} rank(s) do not fill one "
                 f"batch of {batch_size}; lower val_batch_size or raise val_tokens."
             )
         self.shards, self.total = list(shards), total
         self.shape, self.dtype, self.batch_size = tuple(shape), dtype, batch_size
-        self.exclude_bos, self.skip_corrupt, self.on_skip = exclude_bos, skip_corrupt, on_skip
+        self.rows, self.skip_corrupt, self.on_skip = rows, skip_corrupt, on_skip
 
     def __len__(self) -> int:
         return self.num_batches
@@ -174,7 +192,7 @@ class ValStream(IterableDataset):
                 try:
                     for block in iter_shard(shard.url, shard.blocks, self.shape, keep=keep, with_meta=False):
                         produced = True
-                        yield _rows(block.acts, self.exclude_bos)
+                        yield self.rows(block.acts)
                 except CorruptShardError:
                     if not self.skip_corrupt:
                         raise

@@ -185,3 +185,31 @@ def test_mismatched_cache_refused_at_construction(built):
 def test_setup_without_cache_says_what_to_do(cache_kwargs):
     with pytest.raises(sh.CacheError, match="prepare_data"):
         _dm(cache_kwargs).setup("fit")
+
+
+def test_outliers_are_left_out(cache_kwargs):
+    # A factor this low makes a good share of tokens "outliers", exercising the bookkeeping that
+    # real massive activations (rare) rely on.
+    dm = _dm(cache_kwargs, outlier_factor=1.05, val_batch_size=8)
+    dm.prepare_data()
+    dm.setup()
+    m = dm.manifest
+    threshold = m["outlier_threshold"]
+    assert threshold == pytest.approx(1.05 * m["median_norm"]) and 0.1 < m["outlier_fraction"] < 0.6
+    assert dm.init_sample(100).norm(dim=-1).max() <= threshold * 1.001
+    train = torch.cat(list(itertools.islice(dm.train_dataloader(), 30)))
+    assert train.norm(dim=-1).max() <= threshold * 1.001
+    inliers = sum(n for s in m["splits"]["val"]["shards"] for n in s["inliers"])
+    assert inliers < 12 * 15
+    val = torch.cat(list(dm.val_dataloader()))
+    assert len(val) == inliers // 8 * 8 and val.norm(dim=-1).max() <= threshold * 1.001
+    # Ranks hold different numbers of inliers but yield the same number of batches.
+    lens = []
+    for rank in (0, 1):
+        ranked = _dm(cache_kwargs, rank=rank, world=2, outlier_factor=1.05, val_batch_size=8)
+        ranked.setup()
+        lens.append((len(ranked.val_dataloader()), len(list(ranked.val_dataloader()))))
+    assert lens[0] == lens[1] and lens[0][0] == lens[0][1]
+    everything = _dm(cache_kwargs, outlier_factor=1.05, val_batch_size=8, exclude_outliers=False)
+    everything.setup()
+    assert len(everything.val_dataloader()) == 12 * 15 // 8
