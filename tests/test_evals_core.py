@@ -190,3 +190,10 @@ def test_jumprelu_threshold_hand_computed():
         sae.b_dec.zero_()
     x = torch.tensor([[3.0, 2.0, 1.0, 0.0], [5.0, 0.5, 0.0, 0.0]])
     assert jumprelu_threshold(sae, x, target_l0=2) == pytest.approx(0.75)
+
+
+def test_outlier_positions_keep_their_clean_activation(tiny_lm, contexts):
+    """A threshold below every norm marks every position an outlier: nothing is spliced."""
+    r = downstream_loss(ZeroSAE(), tiny_lm, "resid_post.0", contexts, outlier_threshold=0.0)
+    assert r.details["ce_sae"] == pytest.approx(r.details["ce_clean"], rel=1e-6)
+    assert r.details["outlier_positions_kept_clean"] == 6 * 11

@@ -10,7 +10,10 @@ All three are ratios or means of sums over every scored token of every context, 
 of per-batch means. With ``exclude_bos`` (default) the BOS position keeps its clean
 activation and the prediction made at BOS is not scored: SAEs are trained without BOS (its
 activation is an outlier with a huge norm on most models), and splicing it would measure
-that choice rather than the SAE.
+that choice rather than the SAE. Likewise, with ``outlier_threshold`` (the cache's, when the
+SAE was trained without "massive activation" tokens) positions whose activation norm exceeds
+it keep their clean activation in both the spliced and the zero-ablated run; they are still
+scored, and how many there were is reported.
 """
 from __future__ import annotations
 
@@ -30,24 +33,33 @@ def downstream_loss(
     contexts: Tensor,
     batch_size: int = 8,
     exclude_bos: bool = True,
+    outlier_threshold: float | None = None,
 ) -> EvalResult:
     """``contexts`` [N, T] token ids, each starting with BOS (as the cache's blocks do)."""
     if contexts.dim() != 2 or contexts.shape[1] < 3:
         raise ValueError(f"contexts must be [N, T] with T >= 3, got shape {tuple(contexts.shape)}")
     start = 1 if exclude_bos else 0
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
-    n_tokens = 0
+    n_tokens, n_outliers = 0, 0
+
+    def edited(h: Tensor) -> Tensor:
+        """Bool [B, T]: the positions the SAE (or the zero-ablation) replaces."""
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        mask[:, :start] = False
+        if outlier_threshold is not None:
+            mask &= h.float().norm(dim=-1) <= outlier_threshold
+        return mask
 
     def splice(h: Tensor) -> Tensor:
+        nonlocal n_outliers
+        mask = edited(h)
+        n_outliers += int(h.shape[0] * (h.shape[1] - start) - mask.sum())
         out = h.clone()
-        flat = h[:, start:].reshape(-1, h.shape[-1])
-        out[:, start:] = _sae.reconstruct(sae, flat).reshape(h[:, start:].shape).to(h.dtype)
+        out[mask] = _sae.reconstruct(sae, h[mask]).to(h.dtype)
         return out
 
     def zero(h: Tensor) -> Tensor:
-        out = h.clone()
-        out[:, start:] = 0
-        return out
+        return h.masked_fill(edited(h)[..., None], 0)
 
     for lo in range(0, contexts.shape[0], batch_size):
         ids = contexts[lo : lo + batch_size]
@@ -74,5 +86,5 @@ def downstream_loss(
         "eval/ce_recovered": recovered,
     }
     details = {**mean, "tokens": n_tokens, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-               "exclude_bos": exclude_bos}
+               "exclude_bos": exclude_bos, "outlier_threshold": outlier_threshold, "outlier_positions_kept_clean": n_outliers}
     return EvalResult(metrics, details)

@@ -32,6 +32,9 @@ class EvalConfig:
     downstream_contexts: int = 32
     # bool: keep BOS unspliced and unscored (SAEs are trained without BOS)
     exclude_bos: bool = True
+    # bool: leave out tokens above the cache's outlier threshold, as training does (the data
+    # module's exclude_outliers): unspliced in the downstream loss, dropped from shrinkage/progressive
+    exclude_outliers: bool = True
     # int: contexts per LM forward (downstream, probes)
     lm_batch_size: int = 8
     # int: held-out tokens (BOS excluded) for shrinkage and progressive recovery
@@ -83,6 +86,7 @@ class EvalData:
     tokenizer: Any = None
     bos_id: int | None = None
     sep_id: int | None = None
+    outlier_threshold: float | None = None  # activation norm above which training skipped a token
     info: dict = field(default_factory=dict)
 
     @property
@@ -119,16 +123,21 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
             if len(toks) >= n_blocks:
                 break
         tokens, block_acts = torch.stack(toks), torch.stack(acts)
+        threshold = manifest.get("outlier_threshold") if cfg.exclude_outliers and getattr(dm, "exclude_outliers", True) else None
+        val_acts = block_acts[:, 1:].reshape(-1, block_acts.shape[-1])
+        if threshold is not None:
+            val_acts = val_acts[val_acts.norm(dim=-1) <= threshold]
         need_lm = bool(LM_EVALS & set(cfg.evals))
         model, tokenizer = load_subject(dm.cache_config.model, device) if need_lm else (None, None)
         train = dm.init_sample(cfg.calibration_tokens) if "progressive" in cfg.evals else None
         return EvalData(
             hookpoint=dm.cache_config.hookpoint,
-            val_acts=block_acts[:, 1:].reshape(-1, block_acts.shape[-1])[: cfg.activation_tokens],
+            val_acts=val_acts[: cfg.activation_tokens],
             train_acts=train, tokens=tokens, block_acts=block_acts, model=model, tokenizer=tokenizer,
-            bos_id=manifest.get("bos_token_id"), sep_id=manifest.get("separator_token_id"),
+            bos_id=manifest.get("bos_token_id"), sep_id=manifest.get("separator_token_id"), outlier_threshold=threshold,
             info={"cache_dir": str(dm.cache_config.cache_dir), "model": dm.cache_config.model,
-                  "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks)},
+                  "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks),
+                  "outlier_threshold": threshold},
         )
     if not hasattr(dm, "val_dataloader"):
         raise TypeError(f"{type(dm).__name__} has neither iter_blocks (ActivationDataModule) nor val_dataloader")
@@ -157,7 +166,8 @@ def _run_one(name: str, sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
         from sae_lit.evals.downstream import downstream_loss
 
         return downstream_loss(sae, data.model, data.hookpoint, data.tokens[: cfg.downstream_contexts],
-                               batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos)
+                               batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos,
+                               outlier_threshold=data.outlier_threshold)
     if name == "probes":
         from sae_lit.evals.probe_tasks import builtin_snippets, load_jsonl_task
         from sae_lit.evals.probes import probe_eval
