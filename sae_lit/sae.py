@@ -171,7 +171,10 @@ class TopKSAE(nn.Module):
                 if dead_rows.numel() > 0:
                     pre_dead = pre.index_select(1, dead_rows)  # [B, n_dead]
                     aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
+                    aux_v = aux_v.to(self.W_enc.dtype)
             del pre
+            # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
+            top_v = top_v.to(self.W_enc.dtype)
 
         has_dead = dead_rows is not None and dead_rows.numel() > 0
         denom = losses.total_variance(x_norm)

@@ -225,3 +225,22 @@ def test_auxk_bf16_close_to_fp32():
     ga = torch.autograd.grad(a.nmse + a.auxk_loss, ref.W_enc)[0]
     gb = torch.autograd.grad(b.nmse + b.auxk_loss, fast.W_enc)[0]
     torch.testing.assert_close(gb, ga, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_bf16_autocast_step_matches_fp32(multi_topk):
+    """The bf16-mixed path (GEMM in bf16, sparse part and weights in fp32), exercised on CPU."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 32) * 3
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:40] = True
+    sae = TopKSAE(32, 256, 8, k_aux=16, multi_topk=multi_topk, seed=0)
+    sae.init_from_data(x)
+    ref = sae(x, dead)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, dead)
+    loss = out.nmse + out.auxk_loss + out.multi_topk_nmse
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in sae.parameters())
+    torch.testing.assert_close(out.nmse, ref.nmse, rtol=0.05, atol=0.01)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU check of the SAE core, as one script (a few minutes on one H100/H200):
+# the gpu-marked tests, then the training-step benchmark at the paper's GPT-2 shape in
+# bf16-mixed and fp32 against the GEMM + top-k floor at the same precision.
+#   bash benchmarks/gpu_check.sh            (from the repo root, torch with CUDA installed)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tail -5
+for precision in bf16-mixed 32; do
+  python benchmarks/train_step.py --device cuda --precision "$precision" --no-naive --reps 10 \
+    --shapes 768,32768,32,131072 768,32768,32,16384
+done
