@@ -182,6 +182,7 @@ class ActivationDataModule(L.LightningDataModule):
         stream = TrainStream(
             self._shards("train"), self._shape, self._ensure_manifest()["dtype"], self.batch_size, self.shuffle_buffer,
             self._row_filter(), self.seed, rank, world, self.skip_corrupt_shards, on_skip,
+            skip_batches=self._batches_done(),
         )
         return DataLoader(
             stream,
@@ -190,6 +191,13 @@ class ActivationDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _batches_done(self) -> int:
+        """Training batches this rank already consumed: non-zero when resuming from a checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
     def _val_loader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -93,8 +93,12 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         skip_corrupt: bool = False,
         on_skip: Callable[[str], None] | None = None,
+        skip_batches: int = 0,
     ):
         self.part = Part(tuple(shards)).split(rank, world_size)
+        # A resumed run fast-forwards past the batches it already trained on (reading without
+        # decoding), so that it sees exactly what an uninterrupted run would have.
+        self.skip_batches = skip_batches
         if len(shards) < world_size:
             log.warning(
                 "%d train shards for %d ranks: ranks share shards (every %d-th block each). Lower "
@@ -116,6 +120,8 @@ class TrainStream(IterableDataset):
             return
         shards = list(part.shards)
         rng = np.random.default_rng([self.seed, self.rank, worker])
+        # The DataLoader takes batches from its workers in turn: batch i comes from worker i % n.
+        to_skip = len(range(worker, self.skip_batches, n_workers))
         buffer, size = [], 0
         while True:
             shard = shards[rng.integers(len(shards))]
@@ -130,6 +136,9 @@ class TrainStream(IterableDataset):
                         pool = np.concatenate(buffer)[rng.permutation(size)]
                         n_out = (size - self.capacity // 2) // self.batch_size
                         for b in range(n_out):
+                            if to_skip:
+                                to_skip -= 1
+                                continue
                             yield decode_acts(pool[b * self.batch_size : (b + 1) * self.batch_size], self.dtype)
                         buffer = [pool[n_out * self.batch_size :]]
                         size = len(buffer[0])

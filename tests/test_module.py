@@ -148,3 +148,25 @@ def test_multi_topk_and_relu_baseline_train(tmp_path):
         trainer = _trainer(tmp_path, max_steps=10)
         trainer.fit(model, dm)
         assert torch.isfinite(trainer.callback_metrics["val/nmse"])
+
+
+def test_resume_on_a_real_cache_is_exact(cache_kwargs, tmp_path):
+    """The activation stream fast-forwards on resume: interrupted + resumed == uninterrupted."""
+    from sae_lit.datamodule import ActivationDataModule
+
+    ActivationDataModule(**cache_kwargs, progress=False).prepare_data()
+
+    def run(steps, root, ckpt=None):
+        L.seed_everything(0)
+        dm = ActivationDataModule(**cache_kwargs, batch_size=32, shuffle_buffer=64, progress=False)
+        model = SAEModule(d_in=dm.d_in, num_latents=64, k=4, dead_tokens=256, lr=2e-3, warmup_steps=2)
+        trainer = _trainer(root, max_steps=steps, val_check_interval=4)
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return model, trainer
+
+    straight, _ = run(8, tmp_path / "s")
+    _, t1 = run(4, tmp_path / "a")
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, _ = run(8, tmp_path / "b", ckpt=str(tmp_path / "half.ckpt"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
