@@ -54,3 +54,24 @@ def test_every_preset_builds_on_top_of_tiny(preset, tmp_path):
 def test_gpu_bf16_fit(tmp_path):
     cli_main(["fit", "--config", "configs/tiny.yaml", "--config", "configs/trainer/gpu.yaml",
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=20"])
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in PRESETS], ids=lambda p: str(p.relative_to(ROOT)))
+def test_data_sections_match_their_class(config):
+    """Every data section names a real class and only arguments it takes (checked without
+    building it: gpt2-small would need the hub)."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    inspect.signature(cls).bind(**data.get("init_args", {}))
+
+
+def test_quickstart_builds_the_real_data_module(tmp_path):
+    cli = cli_main(["--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert type(cli.datamodule).__name__ == "ActivationDataModule"
+    assert cli.datamodule.d_in == cli.model.hparams.d_in == 576  # SmolLM2-135M, from the GGUF config
