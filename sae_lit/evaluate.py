@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="training config whose data: section names model, hookpoint, cache")
     parser.add_argument("--out", default=None, help="output folder (default: eval/ next to the SAE folder)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_dataclass_arguments(EvalConfig, "evals")
+    parser.add_class_arguments(EvalConfig, "evals")
     if known.config and Path(known.config).is_file():
         defaults = eval_defaults_from_config(_read_config(known.config))
         parser.set_defaults({f"evals.{k}": v for k, v in defaults.items()})

@@ -8,7 +8,9 @@ Delta the change of the logits [T - t, V] at t and every later position,
 
     sparsity = (||Delta||_1 / ||Delta||_2)^2 / (V (T - t))
 
-which is 1/(V (T - t)) when a single logit moves and 1 when all move equally.
+which is 1/(V (T - t)) when a single logit moves and 1 when all move equally. The details
+also give the same measure after removing each position's mean logit change
+(``*_centered``): softmax ignores a uniform shift, which the plain measure counts as dense.
 ``eval/ablation_sparsity`` averages it over pairs; the baseline ablates raw hookpoint channels
 (x_tc -> 0) at the same kind of tokens (``eval/ablation_sparsity_residual``).
 """
@@ -22,9 +24,12 @@ from sae_lit.evals.lm import edit_hookpoint, hook_acts, logits
 from sae_lit.evals.result import EvalResult
 
 
-def sparsity_of(delta: Tensor) -> float:
-    """(||D||_1 / ||D||_2)^2 / numel for one Delta-logits tensor; nan if nothing moved."""
+def sparsity_of(delta: Tensor, center: bool = False) -> float:
+    """(||D||_1 / ||D||_2)^2 / numel for one Delta-logits tensor [T', V]; nan if nothing moved.
+    center: subtract each position's mean over the vocabulary first."""
     d = delta.double()
+    if center:
+        d = d - d.mean(-1, keepdim=True)
     l2 = d.norm()
     if l2 == 0:
         return float("nan")
@@ -32,7 +37,7 @@ def sparsity_of(delta: Tensor) -> float:
 
 
 @torch.no_grad()
-def _ablate(model, hookpoint, ids: Tensor, positions: list[int], deltas: Tensor) -> list[float]:
+def _ablate(model, hookpoint, ids: Tensor, positions: list[int], deltas: Tensor) -> list[tuple[float, float]]:
     """Run ids [1, T] once clean and once per ablation (h[t_r] -= deltas[r]) in one batch."""
     m = len(positions)
     batch = ids.expand(m + 1, -1)
@@ -45,7 +50,8 @@ def _ablate(model, hookpoint, ids: Tensor, positions: list[int], deltas: Tensor)
 
     with edit_hookpoint(model, hookpoint, apply):
         out = logits(model, batch)
-    return [sparsity_of(out[r + 1, t:] - out[0, t:]) for r, t in enumerate(positions)]
+    diffs = [out[r + 1, t:] - out[0, t:] for r, t in enumerate(positions)]
+    return [(sparsity_of(d), sparsity_of(d, center=True)) for d in diffs]
 
 
 @torch.no_grad()
@@ -78,13 +84,15 @@ def ablation_sparsity(sae, model: nn.Module, hookpoint: str, contexts: Tensor, p
             deltas[torch.arange(len(positions)), chans] = h[positions, chans]
             res_vals += _ablate(model, hookpoint, ids, positions, deltas)
 
-    def mean(v):
-        v = torch.tensor([a for a in v if a == a], dtype=torch.float64)  # nan: nothing moved
+    def mean(v, i):
+        v = torch.tensor([a[i] for a in v if a[i] == a[i]], dtype=torch.float64)  # nan: nothing moved
         return float(v.mean()) if v.numel() else float("nan")
 
-    metrics = {"eval/ablation_sparsity": mean(sae_vals)}
-    if baseline:
-        metrics["eval/ablation_sparsity_residual"] = mean(res_vals)
+    metrics = {"eval/ablation_sparsity": mean(sae_vals, 0)}
     details = {"pairs": len(sae_vals), "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-               "vocab": None, "no_effect_pairs": sum(a != a for a in sae_vals), "exclude_bos": exclude_bos}
+               "no_effect_pairs": sum(a[0] != a[0] for a in sae_vals), "exclude_bos": exclude_bos,
+               "sparsity_centered": mean(sae_vals, 1)}
+    if baseline:
+        metrics["eval/ablation_sparsity_residual"] = mean(res_vals, 0)
+        details["residual_sparsity_centered"] = mean(res_vals, 1)
     return EvalResult(metrics, details)
