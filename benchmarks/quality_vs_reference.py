@@ -7,7 +7,8 @@ the same activations with the same (n, k, tokens, lr schedule).
 The reference below is written from the paper's equations with plain dense autograd and
 shares no code with sae_lit's SAE or kernels: dense [B, n] latents, tied init, unit-norm
 decoder with the parallel gradient removed, geometric-median b_pre, one dataset scale,
-AuxK (k_aux, 1/32), Adam(0.9, 0.999, eps 6.25e-10), linear warmup, grad clipping. It reads
+AuxK (k_aux, 1/32), Adam(0.9, 0.999, eps 6.25e-10), the config's LR schedule, grad
+clipping, and the same seed for the random decoder directions. It reads
 the same training stream (same batches in the same order) through the data module.
 Both SAEs are scored by the same whole-split NMSE on the validation split.
 """
@@ -24,7 +25,7 @@ from sae_lit.export import load_sae
 
 
 class ReferenceTopK(torch.nn.Module):
-    def __init__(self, d: int, n: int, k: int, k_aux: int, scale: float, b_pre: torch.Tensor, seed: int = 1):
+    def __init__(self, d: int, n: int, k: int, k_aux: int, scale: float, b_pre: torch.Tensor, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(n, d, generator=g)
@@ -99,13 +100,25 @@ def main() -> None:
 
     sample = dm.init_sample(hp.init_sample_size)
     scale = dm.norm_scale or math.sqrt(sample.shape[1] / sample.pow(2).sum(1).mean().item())
-    ref = ReferenceTopK(dm.d_in, hp.num_latents, hp.k, min(hp.k_aux, hp.num_latents // 2), scale, weiszfeld(sample * scale))
+    # Same seed as SAEModule: both start from the same random directions, so what differs
+    # afterwards is the implementation, not the luck of the init.
+    ref = ReferenceTopK(dm.d_in, hp.num_latents, hp.k, min(hp.k_aux, hp.num_latents // 2), scale,
+                        weiszfeld(sample * scale), seed=hp.seed)
     opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=tuple(hp.betas), eps=hp.eps)
     since_fired = torch.zeros(hp.num_latents, dtype=torch.long)
     t0 = time.perf_counter()
+    def lr_at(step: int) -> float:  # linear warmup, then constant or decaying from decay_start
+        if hp.warmup_steps and step < hp.warmup_steps:
+            return lr * (step + 1) / hp.warmup_steps
+        start = max(int(hp.decay_start * steps), hp.warmup_steps)
+        if hp.lr_decay == "none" or step < start:
+            return lr
+        frac = min((step - start) / max(steps - start, 1), 1.0)
+        return lr * (1 - frac if hp.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * frac)))
+
     for step, x in zip(range(steps), dm.train_dataloader()):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else lr
+            group["lr"] = lr_at(step)
         dead = since_fired >= hp.dead_tokens
         loss, aux, z = ref(x.float(), dead)
         (loss + hp.auxk_alpha * aux).backward()
