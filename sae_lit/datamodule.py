@@ -197,7 +197,7 @@ class ActivationDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0
-        return int(trainer.global_step) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        return int(getattr(trainer, "global_step", 0)) * int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
     def _val_loader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_cfg = EvalConfig(**{f.name: args.evals[f.name] for f in dataclasses.fields(EvalConfig)})
-    torch.set_grad_enabled(False)
-    report = evaluate(args.sae, args.config, args.out, args.device, eval_cfg)
+    with torch.no_grad():  # scoped: main() is also called in-process (tests, notebooks)
+        report = evaluate(args.sae, args.config, args.out, args.device, eval_cfg)
     print(summary(report))
     print(f"Report: {report['report_file']}")
     return report
