@@ -169,7 +169,6 @@ def test_geometric_median_against_brute_force():
         return (pts.double() - p).norm(dim=1).sum()
 
     grid = torch.stack(torch.meshgrid(torch.linspace(-3, 3, 301), torch.linspace(-3, 3, 301), indexing="ij"), -1)
-    best = min(grid.reshape(-1, 2).double(), key=lambda p: 0).clone()
     costs = (pts.double()[None] - grid.reshape(-1, 1, 2).double()).norm(dim=-1).sum(-1)
     best = grid.reshape(-1, 2)[costs.argmin()].double()
     assert cost(med) <= costs.min() + 1e-6
