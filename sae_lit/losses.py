@@ -41,9 +41,10 @@ def auxk_loss(residual: Tensor, residual_hat: Tensor, n_dead: int, k_aux: int) -
     return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
 
-def l1_penalty(values: Tensor, indices: Tensor, decoder_norms: Tensor) -> Tensor:
+def l1_penalty(values: Tensor, decoder_norms: Tensor) -> Tensor:
     """sum_j |z_j| * ||W_dec_j||, averaged over tokens (the ReLU+L1 baseline's penalty).
 
-    Weighting by the decoder norm stops the model from shrinking z while growing W_dec.
+    ``values`` are dense [B, num_latents] codes. Weighting by the decoder norm stops the model
+    from shrinking z while growing W_dec.
     """
-    return (values.abs() * decoder_norms[indices]).sum(-1).mean()
+    return (values.abs() * decoder_norms).sum(-1).mean()

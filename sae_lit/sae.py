@@ -243,10 +243,10 @@ class TopKSAE(nn.Module):
 
     def _forward_relu(self, x_norm: Tensor, stats) -> ForwardOutput:
         # The paper's ReLU+L1 baseline is dense by nature: every latent can fire.
-        z = (torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc.t())).relu()
+        z = self.pre_acts(x_norm).relu()
         recon_n = z @ self.W_dec + self.b_dec
         nmse = losses.nmse(x_norm, recon_n)
-        l1 = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = losses.l1_penalty(z, self.W_dec.norm(dim=1))
         idx = torch.arange(self.num_latents, device=z.device).expand_as(z)
         zero = nmse.new_zeros(())
         return ForwardOutput(self.denormalize(recon_n, stats), z, idx, nmse, zero, zero, l1)
