@@ -67,12 +67,18 @@ class RowFilter:
     threshold: float | None = None
 
     def __call__(self, acts: np.ndarray) -> np.ndarray:
+        return acts[self.mask(acts)]
+
+    def mask(self, acts: np.ndarray) -> np.ndarray:
+        """Bool [T]: the positions of a block that become rows (what dashboards need to map rows
+        back to tokens)."""
         # Position 0 of every block is BOS (see corpus.pack_contexts): an attention sink with a
         # huge norm that would dominate the loss. It is judged by exclude_bos alone.
-        body = acts[1:]
+        keep = np.ones(len(acts), dtype=bool)
+        keep[0] = not self.exclude_bos
         if self.threshold is not None:
-            body = body[row_norms(body, self.dtype) <= self.threshold]
-        return body if self.exclude_bos else np.concatenate([acts[:1], body])
+            keep[1:] = row_norms(acts[1:], self.dtype) <= self.threshold
+        return keep
 
     def count(self, shape: tuple[int, int], inliers: int | None) -> int:
         body = shape[0] - 1 if self.threshold is None or inliers is None else inliers
