@@ -8,6 +8,13 @@ raw activations: for inputs scaled by s in training, TopK(W_enc(s x - b) + b_enc
 the same latents as TopK(W_enc(x - b/s) + b_enc/s) with values divided by s, and
 W_dec z/s + b/s = (W_dec z + b)/s. So b_enc/s and b_dec/s, weights unchanged.
 
+Architectures, by activation (sae_lit.activations):
+    topk                  -> "topk"       (k)
+    relu                  -> "standard"
+    gated                 -> "gated"      (b_gate, r_mag, b_mag instead of b_enc; biases / s)
+    batchtopk, matryoshka -> "jumprelu"   (their inference form; threshold [d_sae] = theta / s)
+    prolu                 -> "prolu"      (no SAELens counterpart; our loader reads it)
+
     python -m sae_lit.export CKPT OUT_DIR
 """
 from __future__ import annotations
@@ -21,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_lit.sae import TopKSAE
 
+ARCHITECTURES = {"topk": "topk", "relu": "standard", "gated": "gated", "batchtopk": "jumprelu",
+                 "matryoshka": "jumprelu", "prolu": "prolu"}
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 # SAELens treats a cfg without a version as pre-6.0 and rewrites it; we write the v6 layout.
@@ -39,10 +48,22 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
         "W_dec": W_dec.contiguous(),
         "b_dec": (sae.b_dec.detach().float() / s).contiguous(),
     }
+    arch = ARCHITECTURES[sae.activation]
+    if arch == "gated":
+        tensors["b_gate"] = tensors.pop("b_enc")
+        tensors["r_mag"] = sae.act.r_mag.detach().float().contiguous()
+        tensors["b_mag"] = (sae.act.b_mag.detach().float() / s).contiguous()
+    elif arch == "jumprelu":
+        theta = float(sae.act.threshold)
+        if theta < 0:
+            raise ValueError(
+                f"{sae.activation} SAE has no inference threshold yet (it is estimated during training): train it first"
+            )
+        tensors["threshold"] = torch.full((sae.num_latents,), theta / s)
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
     cfg = {
-        "architecture": "topk" if sae.activation == "topk" else "standard",
+        "architecture": arch,
         "d_in": sae.d_in,
         "d_sae": sae.num_latents,
         "dtype": "float32",
@@ -66,9 +87,12 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
     return out
 
 
+LOADABLE = {"topk": "topk", "standard": "relu", "gated": "gated", "jumprelu": "batchtopk", "prolu": "prolu"}
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
-    """Read an exported folder (ours or any SAELens v6 topk/standard SAE) into a TopKSAE
-    that takes raw activations."""
+    """Read an exported folder (ours, or a SAELens v6 topk / standard / gated / jumprelu SAE
+    with one shared threshold) into a TopKSAE that takes raw activations."""
     path = Path(path)
     cfg_path, w_path = path / CFG_NAME, path / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -76,8 +100,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
             raise FileNotFoundError(f"{p} not found: an SAE folder needs {CFG_NAME} and {WEIGHTS_NAME}")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architecture")
-    if arch not in ("topk", "standard"):
-        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (expected 'topk' or 'standard')")
+    if arch not in LOADABLE:
+        raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (expected one of {sorted(LOADABLE)})")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", "layer_norm"):
         raise ValueError(f"{cfg_path}: normalize_activations {norm!r} is not supported (expected 'none' or 'layer_norm')")
@@ -86,22 +110,40 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
     ours = cfg.get("sae_lit", {})
     w = load_file(str(w_path), device=str(device))
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    for name, shape in {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.items():
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if arch == "gated":
+        del shapes["b_enc"]
+        shapes.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
+    elif arch == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    for name, shape in shapes.items():
         if name not in w:
             raise KeyError(f"{w_path}: tensor {name!r} missing (found {sorted(w)})")
         if tuple(w[name].shape) != shape:
             raise ValueError(f"{w_path}: {name} has shape {tuple(w[name].shape)}, cfg.json implies {shape}")
+    activation = LOADABLE[arch]
+    if arch == "jumprelu":
+        theta = w["threshold"]
+        if not torch.allclose(theta, theta[0].expand_as(theta)):
+            raise ValueError(f"{w_path}: per-latent JumpReLU thresholds are not supported (only one shared threshold)")
+        activation = ours.get("activation", "batchtopk")
+    k = int(cfg.get("k", ours.get("k", 1)))
     sae = TopKSAE(
-        d_in, d_sae, int(cfg.get("k", 1)) if arch == "topk" else 1,
-        activation="topk" if arch == "topk" else "relu",
+        d_in, d_sae, k, activation=activation,
         k_aux=ours.get("k_aux", 512), multi_topk=ours.get("multi_topk", False),
         normalize="layer_norm" if norm == "layer_norm" else "none",
+        matryoshka_prefixes=ours.get("matryoshka_prefixes"),
     )
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].t())
-        sae.b_enc.copy_(w["b_enc"])
+        sae.b_enc.copy_(w["b_gate"] if arch == "gated" else w["b_enc"])
         sae.W_dec.copy_(w["W_dec"])
         sae.b_dec.copy_(w["b_dec"])
+        if arch == "gated":
+            sae.act.r_mag.copy_(w["r_mag"])
+            sae.act.b_mag.copy_(w["b_mag"])
+        elif arch == "jumprelu":
+            sae.act.threshold.fill_(float(w["threshold"][0]))
         sae.initialized.fill_(True)
     sae.export_cfg = cfg
     return sae.to(device)

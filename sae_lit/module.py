@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sae_lit.metrics import NMSE, FiringCounts, MeanL0
-from sae_lit.sae import Activation, Normalize, TopKSAE
+from sae_lit.sae import Activation, BDecInit, Normalize, TopKSAE
 
 
 def default_lr(num_latents: int) -> float:
@@ -35,6 +35,8 @@ class SAEModule(L.LightningModule):
         normalize: Normalize = "constant",
         tied_init: bool = True,
         auxk_bf16: bool = False,
+        b_dec_init: BDecInit = "geometric_median",
+        matryoshka_prefixes: list[int] | None = None,
         lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 6.25e-10,
@@ -51,15 +53,19 @@ class SAEModule(L.LightningModule):
             d_in: activation width (linked from the data module by the CLI).
             num_latents: dictionary size n.
             k: active latents per token (TopK).
-            activation: "topk" (the paper's) or "relu" (ReLU + L1 baseline, set l1_coeff).
+            activation: "topk" (the paper's); baselines "relu", "prolu", "gated" (set l1_coeff);
+                "batchtopk" and "matryoshka" (k active per token on average; see activations.py).
             k_aux: dead latents used by AuxK per token (capped at num_latents / 2).
-            auxk_alpha: AuxK loss weight; 0 turns AuxK off.
+            auxk_alpha: AuxK loss weight; 0 turns AuxK off (TopK, BatchTopK, Matryoshka).
             dead_tokens: a latent is dead after this many training tokens without firing.
             multi_topk: add L(4k)/8 to the loss (progressive codes).
-            l1_coeff: L1 penalty weight (ReLU baseline only).
+            l1_coeff: L1 penalty weight (ReLU, ProLU, Gated).
             normalize: "constant" (one dataset scale, folded into the export), "layer_norm"
                 (per token) or "none".
             tied_init: initialise W_enc = W_dec^T.
+            b_dec_init: b_dec (the paper's b_pre) from the sample's "geometric_median" (the
+                paper's), "mean", or "zero" (ablations).
+            matryoshka_prefixes: nested dictionary sizes for "matryoshka" (default n/32 ... n).
             auxk_bf16: run AuxK's dense dead-latent GEMMs in bf16 (fp32 accumulation);
                 ~4x faster for that part on CPUs with AMX; the main loss stays fp32.
             lr: Adam learning rate; None -> 2e-4 / sqrt(num_latents / 2^14).
@@ -73,7 +79,8 @@ class SAEModule(L.LightningModule):
         self.save_hyperparameters()
         self.sae = TopKSAE(
             d_in, num_latents, k, activation=activation, k_aux=k_aux, multi_topk=multi_topk,
-            normalize=normalize, tied_init=tied_init, auxk_bf16=auxk_bf16, seed=seed,
+            normalize=normalize, tied_init=tied_init, auxk_bf16=auxk_bf16, b_dec_init=b_dec_init,
+            matryoshka_prefixes=matryoshka_prefixes, seed=seed,
         )
         self.ema: TopKSAE | None = None
         if ema_decay is not None:
@@ -119,16 +126,18 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = _acts(batch)
         hp = self.hparams
-        auxk_on = hp.auxk_alpha > 0 and hp.activation == "topk"
+        act = self.sae.act
+        auxk_on = hp.auxk_alpha > 0 and (act is None or act.supports_auxk)
         dead = self.tokens_since_fired >= hp.dead_tokens
         out = self.sae(x, dead_mask=dead if auxk_on else None)
-        loss = out.nmse
+        loss = out.nmse + out.extra_loss
         if auxk_on:
             loss = loss + hp.auxk_alpha * out.auxk_loss
-        if hp.multi_topk:
+        if hp.multi_topk and act is None:
             loss = loss + out.multi_topk_nmse / 8
-        if hp.activation == "relu":
+        if act is not None and act.uses_l1:
             loss = loss + hp.l1_coeff * out.l1_loss
+            self.log("train/l1", out.l1_loss.detach(), on_step=True, batch_size=x.shape[0])
         self._track_firing(out.values.detach(), out.indices, x.shape[0])
 
         l0 = (out.values.detach() > 0).sum(-1).float().mean()
@@ -176,6 +185,8 @@ class SAEModule(L.LightningModule):
             with torch.no_grad():
                 ema_p, p = list(self.ema.parameters()), list(self.sae.parameters())
                 torch._foreach_lerp_(ema_p, p, 1.0 - self.hparams.ema_decay)
+                for b_ema, b in zip(self.ema.buffers(), self.sae.buffers()):
+                    b_ema.copy_(b)  # e.g. BatchTopK's inference threshold
                 self.ema.set_decoder_norm_to_unit_norm()
 
     def configure_optimizers(self):

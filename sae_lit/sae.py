@@ -7,6 +7,11 @@ are raw activations: the module multiplies them by one dataset constant ``input_
 (E||s x||^2 = d_in, never per batch) or applies a per-token layer norm, and returns
 reconstructions in the raw space again. Latents are kept as (values, indices) of shape
 [B, k]; the training step never builds a dense [B, num_latents] tensor (see kernels.py).
+
+The activation is replaceable: ``activation="topk"`` is the paper's (with the sparse kernels);
+the dense baselines and later variants (ReLU+L1, ProLU, Gated, BatchTopK, Matryoshka) live in
+activations.py and share everything else here: normalisation, b_dec, decoder invariants,
+export.
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from sae_lit import kernels, losses
+from sae_lit.activations import DENSE_ACTIVATIONS, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
-Activation = Literal["topk", "relu"]
+Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka"]
+BDecInit = Literal["geometric_median", "mean", "zero"]
 
 
 class EncoderOutput(NamedTuple):
@@ -35,7 +42,7 @@ class ForwardOutput(NamedTuple):
     reconstruction: Tensor
     """[B, d_in] reconstruction of the input, in the input's (raw) space."""
     values: Tensor
-    """[B, k] latent activations of the top-k (for ReLU: all latents)."""
+    """[B, k] latent activations of the top-k (dense activations: all n latents)."""
     indices: Tensor
     """[B, k] latent ids."""
     nmse: Tensor
@@ -45,7 +52,10 @@ class ForwardOutput(NamedTuple):
     multi_topk_nmse: Tensor
     """Batch FVU when decoding the top 4k (Multi-TopK); 0 when multi_topk is off."""
     l1_loss: Tensor
-    """Decoder-norm-weighted L1 of the latents (ReLU+L1 baseline); 0 for TopK."""
+    """Sparsity penalty of the L1 baselines (ReLU, ProLU, Gated), unweighted; 0 otherwise."""
+    extra_loss: Tensor
+    """Variant-specific loss, already weighted (Gated's gate reconstruction, Matryoshka's
+    prefix NMSEs); 0 for TopK and ReLU."""
 
 
 class TopKSAE(nn.Module):
@@ -61,17 +71,22 @@ class TopKSAE(nn.Module):
         normalize: Normalize = "constant",
         tied_init: bool = True,
         auxk_bf16: bool = False,
+        b_dec_init: BDecInit = "geometric_median",
+        matryoshka_prefixes: list[int] | None = None,
         seed: int | None = None,
     ):
         super().__init__()
-        if activation not in ("topk", "relu"):
-            raise ValueError(f"activation must be 'topk' or 'relu', got {activation!r}")
+        if activation != "topk" and activation not in DENSE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of topk, {', '.join(DENSE_ACTIVATIONS)}; got {activation!r}")
+        if b_dec_init not in ("geometric_median", "mean", "zero"):
+            raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zero', got {b_dec_init!r}")
         if normalize not in ("constant", "layer_norm", "none"):
             raise ValueError(f"normalize must be 'constant', 'layer_norm' or 'none', got {normalize!r}")
         if not 0 < k <= num_latents:
             raise ValueError(f"k must be in [1, num_latents={num_latents}], got {k}")
         self.d_in, self.num_latents, self.k = d_in, num_latents, k
         self.activation = activation
+        self.b_dec_init = b_dec_init
         self.k_aux = min(k_aux, num_latents // 2)
         self.multi_topk = multi_topk
         self.normalize = normalize
@@ -92,6 +107,8 @@ class TopKSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        # Dense activations own their extra parameters/buffers (Gated's r_mag, BatchTopK's theta).
+        self.act = None if activation == "topk" else make_activation(activation, num_latents, k, matryoshka_prefixes)
 
     # ---------------------------------------------------------------- normalisation
     def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -119,32 +136,35 @@ class TopKSAE(nn.Module):
         return torch.addmm(self.b_enc.to(x_norm.dtype), x_norm - self.b_dec.to(x_norm.dtype), self.W_enc.t().to(x_norm.dtype))
 
     def select(self, pre: Tensor, k: int | None = None) -> EncoderOutput:
-        if self.activation == "relu":
-            values = pre.relu()
-            idx = torch.arange(self.num_latents, device=pre.device).expand_as(pre)
-            return EncoderOutput(values, idx)
+        """TopK of dense pre-activations (TopK SAEs only; see ``encode`` for the others)."""
         v, i = pre.topk(k or self.k, dim=-1, sorted=False)
         return EncoderOutput(v.relu(), i)
 
+    def _encode_norm(self, x_norm: Tensor, k: int | None) -> EncoderOutput:
+        if self.act is not None:
+            # Dense codes compacted to the batch's largest L0 (zero-padded): k is ignored.
+            z = self.act.infer(self, x_norm - self.b_dec.to(x_norm.dtype))
+            return EncoderOutput(*compact(z))
+        return self.select(self.pre_acts(x_norm), k)
+
     @torch.no_grad()
     def encode(self, x: Tensor, k: int | None = None) -> EncoderOutput:
-        """Raw activations [B, d_in] -> (values, indices), each [B, k]."""
+        """Raw activations [B, d_in] -> (values, indices), each [B, k] (dense activations:
+        [B, m] with m the batch's largest L0, zero-padded)."""
         x_norm, _ = self.normalize_input(x)
-        return self.select(self.pre_acts(x_norm), k)
+        return self._encode_norm(x_norm, k)
 
     @torch.no_grad()
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """(values, indices) -> reconstruction in the SAE's normalised space (constant or
         none: divide by ``input_scale`` for raw space; use ``reconstruct`` for raw in, raw out)."""
-        if self.activation == "relu":
-            return values @ self.W_dec + self.b_dec  # dense codes: indices are arange(n)
         return kernels.gather_sum(indices, values, self.W_dec) + self.b_dec
 
     @torch.no_grad()
     def encode_decode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, EncoderOutput]:
         """Raw activations in; (raw reconstruction, latents) out."""
         x_norm, stats = self.normalize_input(x)
-        latents = self.select(self.pre_acts(x_norm), k)
+        latents = self._encode_norm(x_norm, k)
         return self.denormalize(self.decode(*latents), stats), latents
 
     def reconstruct(self, x: Tensor, k: int | None = None) -> Tensor:
@@ -158,8 +178,8 @@ class TopKSAE(nn.Module):
         ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss.
         """
         x_norm, stats = self.normalize_input(x)
-        if self.activation == "relu":
-            return self._forward_relu(x_norm, stats)
+        if self.act is not None:
+            return self._forward_dense(x_norm, stats, dead_mask)
         x_c = x_norm - self.b_dec
         k_sel = 4 * self.k if self.multi_topk else self.k
         k_sel = min(k_sel, self.num_latents)
@@ -209,7 +229,7 @@ class TopKSAE(nn.Module):
         if has_dead:
             auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, dead_rows.numel(), self.k_aux)
         recon = self.denormalize(recon_k, stats)
-        return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero)
+        return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero, zero)
 
     @staticmethod
     def _aux_is_dense(k_aux: int, n_dead: int) -> bool:
@@ -241,15 +261,26 @@ class TopKSAE(nn.Module):
         z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
         return kernels.sparse_decode(z, idx, self.W_dec)
 
-    def _forward_relu(self, x_norm: Tensor, stats) -> ForwardOutput:
-        # The paper's ReLU+L1 baseline is dense by nature: every latent can fire.
-        z = self.pre_acts(x_norm).relu()
-        recon_n = z @ self.W_dec + self.b_dec
-        nmse = losses.nmse(x_norm, recon_n)
-        l1 = losses.l1_penalty(z, self.W_dec.norm(dim=1))
-        idx = torch.arange(self.num_latents, device=z.device).expand_as(z)
+    def _forward_dense(self, x_norm: Tensor, stats, dead_mask: Tensor | None) -> ForwardOutput:
+        # The baselines are dense by nature (every latent can fire): plain autograd.
+        x_c = x_norm - self.b_dec
+        out = self.act(self, x_c)
+        recon_n = out.z @ self.W_dec + self.b_dec
+        denom = losses.total_variance(x_norm)
+        nmse = losses.nmse(x_norm, recon_n, denom)
+        extra = self.act.extra_loss(self, x_norm, x_c, out, denom)
         zero = nmse.new_zeros(())
-        return ForwardOutput(self.denormalize(recon_n, stats), z, idx, nmse, zero, zero, l1)
+        auxk = zero
+        if dead_mask is not None and self.act.supports_auxk and self.k_aux > 0:
+            dead_rows = dead_mask.nonzero().squeeze(1)
+            if dead_rows.numel() > 0:
+                with torch.no_grad():
+                    pre_dead = torch.addmm(self.b_enc[dead_rows], x_c, self.W_enc[dead_rows].t())
+                    aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
+                aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local)
+                auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
+        idx = torch.arange(self.num_latents, device=out.z.device).expand_as(out.z)
+        return ForwardOutput(self.denormalize(recon_n, stats), out.z, idx, nmse, auxk, zero, out.penalty, extra)
 
     # ---------------------------------------------------------------- invariants
     @torch.no_grad()
@@ -282,7 +313,12 @@ class TopKSAE(nn.Module):
                 scale = math.sqrt(self.d_in / sample.pow(2).sum(1).mean().item())
             self.input_scale.fill_(scale)
         x_norm, _ = self.normalize_input(sample)
-        self.b_dec.copy_(geometric_median(x_norm, max_iter=max_iter))
+        if self.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x_norm, max_iter=max_iter))
+        elif self.b_dec_init == "mean":
+            self.b_dec.copy_(x_norm.mean(0))
+        else:
+            self.b_dec.zero_()
         self.initialized.fill_(True)
 
     # ---------------------------------------------------------------- persistence
@@ -290,6 +326,8 @@ class TopKSAE(nn.Module):
         return dict(
             d_in=self.d_in, num_latents=self.num_latents, k=self.k, activation=self.activation,
             k_aux=self.k_aux, multi_topk=self.multi_topk, normalize=self.normalize, auxk_bf16=self.auxk_bf16,
+            b_dec_init=self.b_dec_init,
+            **({"matryoshka_prefixes": self.act.prefixes} if self.activation == "matryoshka" else {}),
         )
 
     @classmethod

@@ -102,6 +102,9 @@ def progressive_recovery(
     """``x`` [N, d] held-out raw activations; ``x_train`` [M, d] training activations for the
     JumpReLU calibration (skipped when None)."""
     k = _sae.sae_k(sae)
+    act = getattr(sae, "activation", "topk")
+    if act != "topk":
+        return EvalResult({}, {"skipped": f"progressive recovery is defined for TopK SAEs; this one is {act!r}"})
     if k is None:
         return EvalResult({}, {"skipped": f"{type(sae).__name__} has no integer k"})
     n = _sae.num_latents(sae)

@@ -1,0 +1,217 @@
+"""The SAE's activation as a small, replaceable piece: the baselines the paper compares TopK
+against, and two later TopK variants.
+
+TopK itself lives in sae.py / kernels.py (it has the sparse training kernels). Everything
+here is dense by nature: every latent can fire, so these build the [B, n] codes and decode
+them with a GEMM. Each activation sees the SAE (for W_enc, b_enc, W_dec, b_dec) and the
+centred, normalised input x_c = x_norm - b_dec, and returns
+
+- ``z``: dense [B, n] codes used for the reconstruction;
+- ``penalty``: its sparsity penalty, unweighted (the module multiplies by ``l1_coeff``);
+- ``extra``: any further loss term, already weighted (Gated's auxiliary reconstruction,
+  Matryoshka's prefix losses), computed by ``extra_loss`` once the reconstruction exists.
+
+Variants:
+- ``relu``: z = ReLU(W_enc x_c + b_enc), L1 on z weighted by decoder norms (the paper's
+  baseline, sec. 2.2).
+- ``prolu`` (Taggart 2024): m = W_enc x_c; z = m where m > 0 and m + b_enc > 0, else 0. The
+  bias only gates, it never shifts the value, so an L1 penalty cannot buy sparsity by
+  shrinking. Gradients of the "ReLU" flavour: both m and b receive the gradient of z where
+  the gate is open (as if z were ReLU(m + b)), the paper's default comparison.
+- ``gated`` (Rajamanoharan et al. 2024): a gate pi = W_enc x_c + b_enc decides which latents
+  fire; the magnitude is ReLU((W_enc * exp(r_mag)) x_c + b_mag). The L1 penalty acts on
+  ReLU(pi) and an auxiliary loss asks ReLU(pi), decoded by a frozen copy of the decoder, to
+  reconstruct x too (so the gate gets a gradient).
+- ``batchtopk`` (Bussmann et al. 2024): the top B*k pre-activations of the whole batch fire,
+  so L0 is k on average but varies per token. At inference, a threshold theta (an EMA of the
+  smallest value selected in training batches) replaces the batch: z = pre where pre > theta
+  (a JumpReLU, exported as such).
+- ``matryoshka`` (Bussmann et al. 2025): BatchTopK whose nested prefixes of the dictionary
+  (latents [0, m_1), [0, m_2), ..., [0, n)) must each reconstruct x on their own; the loss
+  is the sum of the prefix NMSEs, so early latents learn general features.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sae_lit import losses
+
+DENSE_ACTIVATIONS = ("relu", "prolu", "gated", "batchtopk", "matryoshka")
+
+
+class ActOutput(NamedTuple):
+    z: Tensor
+    """[B, n] dense latent codes."""
+    penalty: Tensor
+    """Unweighted sparsity penalty (0 when the variant has none)."""
+
+
+class DenseActivation(nn.Module):
+    name = "dense"
+    uses_l1 = False
+    supports_auxk = False
+
+    def pre_acts(self, sae, x_c: Tensor) -> Tensor:
+        return torch.addmm(sae.b_enc.to(x_c.dtype), x_c, sae.W_enc.t().to(x_c.dtype))
+
+    def forward(self, sae, x_c: Tensor) -> ActOutput:  # training codes
+        raise NotImplementedError
+
+    def infer(self, sae, x_c: Tensor) -> Tensor:
+        """Inference codes (differs from training for the batch-level variants)."""
+        return self.forward(sae, x_c).z
+
+    def extra_loss(self, sae, x_norm: Tensor, x_c: Tensor, out: ActOutput, denom: Tensor) -> Tensor:
+        return denom.new_zeros(())
+
+
+class ReLUActivation(DenseActivation):
+    name = "relu"
+    uses_l1 = True
+
+    def forward(self, sae, x_c):
+        z = self.pre_acts(sae, x_c).relu()
+        return ActOutput(z, losses.l1_penalty(z, sae.W_dec.norm(dim=1)))
+
+
+class _ProLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m: Tensor, b: Tensor) -> Tensor:
+        gate = (m > 0) & (m + b > 0)
+        ctx.save_for_backward(gate)
+        return torch.where(gate, m, torch.zeros_like(m))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (gate,) = ctx.saved_tensors
+        g = torch.where(gate, grad, torch.zeros_like(grad))
+        return g, g.sum(0) if ctx.needs_input_grad[1] else None
+
+
+class ProLUActivation(DenseActivation):
+    name = "prolu"
+    uses_l1 = True
+
+    def forward(self, sae, x_c):
+        m = x_c @ sae.W_enc.t().to(x_c.dtype)
+        z = _ProLUFn.apply(m, sae.b_enc.to(x_c.dtype))
+        return ActOutput(z, losses.l1_penalty(z, sae.W_dec.norm(dim=1)))
+
+
+class GatedActivation(DenseActivation):
+    name = "gated"
+    uses_l1 = True
+
+    def __init__(self, num_latents: int):
+        super().__init__()
+        # r_mag = 0 and b_mag = 0 start the magnitude path equal to the gate's weights.
+        self.r_mag = nn.Parameter(torch.zeros(num_latents))
+        self.b_mag = nn.Parameter(torch.zeros(num_latents))
+
+    def gate_pre(self, sae, x_c):
+        return self.pre_acts(sae, x_c)
+
+    def forward(self, sae, x_c):
+        W = sae.W_enc.to(x_c.dtype)
+        pi = self.gate_pre(sae, x_c)
+        mag = torch.addmm(self.b_mag.to(x_c.dtype), x_c, (W * self.r_mag.exp().to(x_c.dtype)[:, None]).t()).relu()
+        z = (pi > 0).to(mag.dtype) * mag
+        self._gate = pi.relu()
+        return ActOutput(z, losses.l1_penalty(self._gate, sae.W_dec.norm(dim=1)))
+
+    def extra_loss(self, sae, x_norm, x_c, out, denom):
+        # The gate's own reconstruction through a frozen decoder: trains W_enc / b_enc to
+        # open the gate where the latent helps, without moving the decoder.
+        gate = self._gate
+        self._gate = None
+        recon = gate @ sae.W_dec.detach() + sae.b_dec.detach()
+        return losses.nmse(x_norm, recon, denom)
+
+
+class BatchTopKActivation(DenseActivation):
+    name = "batchtopk"
+    supports_auxk = True
+
+    def __init__(self, k: int, threshold_decay: float = 0.99):
+        super().__init__()
+        self.k = k
+        self.threshold_decay = threshold_decay
+        # theta < 0 means "not estimated yet": inference then falls back to per-token TopK.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def forward(self, sae, x_c):
+        pre = self.pre_acts(sae, x_c).relu()
+        flat = pre.flatten()
+        keep = min(self.k * pre.shape[0], flat.numel())
+        with torch.no_grad():
+            vals, idx = flat.topk(keep, sorted=False)
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[idx] = True
+            mask &= flat > 0
+            if self.training:
+                pos = vals[vals > 0]
+                if pos.numel():
+                    low = pos.min().float()
+                    t = self.threshold
+                    t.copy_(low if t < 0 else t * self.threshold_decay + low * (1 - self.threshold_decay))
+        z = pre * mask.view_as(pre)
+        return ActOutput(z, pre.new_zeros(()))
+
+    def infer(self, sae, x_c):
+        pre = self.pre_acts(sae, x_c)
+        if float(self.threshold) < 0:
+            v, i = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter_(1, i, v.relu())
+        return torch.where(pre > self.threshold.to(pre.dtype), pre, torch.zeros_like(pre)).relu()
+
+
+class MatryoshkaActivation(BatchTopKActivation):
+    name = "matryoshka"
+
+    def __init__(self, k: int, num_latents: int, prefixes: list[int] | None = None, threshold_decay: float = 0.99):
+        super().__init__(k, threshold_decay)
+        prefixes = sorted(set(prefixes or default_prefixes(num_latents)) | {num_latents})
+        if prefixes[0] < 1 or prefixes[-1] != num_latents:
+            raise ValueError(f"matryoshka_prefixes must lie in [1, num_latents={num_latents}], got {prefixes}")
+        self.prefixes = prefixes
+
+    def extra_loss(self, sae, x_norm, x_c, out, denom):
+        # Prefix reconstructions built up block by block: one dense decode in all.
+        z, total = out.z, denom.new_zeros(())
+        recon, lo = sae.b_dec.expand_as(x_norm), 0
+        for hi in self.prefixes[:-1]:
+            recon = recon + z[:, lo:hi] @ sae.W_dec[lo:hi]
+            total = total + losses.nmse(x_norm, recon, denom)
+            lo = hi
+        return total
+
+
+def default_prefixes(num_latents: int) -> list[int]:
+    """n/32, n/16, n/8, n/4, n/2, n: nested dictionaries doubling in size."""
+    return sorted({max(1, num_latents >> s) for s in range(5, 0, -1)} | {num_latents})
+
+
+def make_activation(name: str, num_latents: int, k: int, matryoshka_prefixes: list[int] | None = None) -> DenseActivation:
+    if name == "relu":
+        return ReLUActivation()
+    if name == "prolu":
+        return ProLUActivation()
+    if name == "gated":
+        return GatedActivation(num_latents)
+    if name == "batchtopk":
+        return BatchTopKActivation(k)
+    if name == "matryoshka":
+        return MatryoshkaActivation(k, num_latents, matryoshka_prefixes)
+    raise ValueError(f"activation must be one of topk, {', '.join(DENSE_ACTIVATIONS)}; got {name!r}")
+
+
+def compact(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense [B, n] codes -> (values, indices) [B, m] with m the largest L0 in the batch
+    (zero-padded), so that sparse consumers (decode, evals) never see all n latents."""
+    m = max(int((z > 0).sum(-1).max()) if z.numel() else 0, 1)
+    v, i = z.topk(min(m, z.shape[-1]), dim=-1)
+    return v, i
+
