@@ -73,15 +73,14 @@ def tiny_corpus(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture
-def cache_kwargs(tmp_path, tiny_model_dir, tiny_corpus):
+def tiny_cache_kwargs(cache_dir, model_dir, corpus) -> dict:
     """Small CacheConfig / ActivationDataModule arguments: 16-token contexts, 8 blocks a shard,
     5 train shards and 2 val shards."""
     return dict(
-        cache_dir=str(tmp_path / "cache"),
-        model=tiny_model_dir,
+        cache_dir=str(cache_dir),
+        model=model_dir,
         hookpoint="resid_post.1",
-        corpus=tiny_corpus,
+        corpus=corpus,
         context_length=16,
         train_tokens=16 * 40,
         val_tokens=16 * 12,
@@ -91,3 +90,8 @@ def cache_kwargs(tmp_path, tiny_model_dir, tiny_corpus):
         val_fraction=0.25,
         sample_tokens=256,
     )
+
+
+@pytest.fixture
+def cache_kwargs(tmp_path, tiny_model_dir, tiny_corpus):
+    return tiny_cache_kwargs(tmp_path / "cache", tiny_model_dir, tiny_corpus)

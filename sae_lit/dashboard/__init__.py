@@ -1,0 +1,10 @@
+"""A static HTML dashboard of an SAE's latents (top contexts, samples, histograms, logits, N2G).
+
+    python -m sae_lit.dashboard --sae DIR --cache DIR --out DIR [--eval-report report.json]
+    python -m sae_lit.dashboard --config configs/dashboard.yaml
+
+``stats`` is the streaming pass, ``build`` puts the pieces together, ``render`` writes HTML.
+"""
+from sae_lit.dashboard.build import build_dashboard
+
+__all__ = ["build_dashboard"]

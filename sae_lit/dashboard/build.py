@@ -1,0 +1,315 @@
+"""Building the dashboard: one pass over a cache split, logit effects, N2G explanations, pages."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_lit import shards as sh
+from sae_lit.dashboard.stats import LatentStats
+from sae_lit.streams import RowFilter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DashboardData:
+    """Everything the pages show; produced by ``collect``, consumed by ``render.write_site``."""
+
+    stats: LatentStats
+    tokens: np.ndarray  # [blocks, T] int32, blocks in the order scanned
+    blocks: list[dict]  # per scanned block: {"index", "docs"} (docs: [{"id", "pos"}] from meta.json)
+    info: dict  # SAE / cache / run facts for the index header
+    logits: dict | None = None  # {"top_ids", "top_values", "bottom_ids", "bottom_values"}: [n, m] tensors
+    n2g: dict[int, dict] = field(default_factory=dict)
+    decode: Callable[[int], str] | None = None  # token id -> text
+    special_ids: frozenset = frozenset()
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+
+def iter_split(cache_dir: str | Path, manifest: dict, split: str) -> Iterator[sh.Block]:
+    shape = (int(manifest["context_length"]), int(manifest["d_in"]))
+    if split not in manifest["splits"]:
+        raise KeyError(f"{cache_dir}: the cache has no {split!r} split (it has {sorted(manifest['splits'])})")
+    for s in manifest["splits"][split]["shards"]:
+        yield from sh.iter_shard(str(Path(cache_dir) / s["file"]), s["blocks"], shape)
+
+
+def _chunks(blocks: Iterator[sh.Block], tokens_per_chunk: int, max_tokens: int | None) -> Iterator[list[sh.Block]]:
+    chunk, size, total = [], 0, 0
+    for block in blocks:
+        if max_tokens is not None and total >= max_tokens:
+            break
+        chunk.append(block)
+        size += len(block.tokens)
+        total += len(block.tokens)
+        if size >= tokens_per_chunk:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _bf16_is_faster(d_in: int, n: int) -> bool:
+    """A few milliseconds of GEMMs at the encoder's shape: CPUs with AMX / AVX512-BF16 run bf16
+    several times faster than fp32, others much slower."""
+    a, b = torch.randn(512, d_in), torch.randn(d_in, min(n, 4096))
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = a.to(dtype), b.to(dtype)
+        torch.mm(x, w)
+        t = time.perf_counter()
+        for _ in range(3):
+            torch.mm(x, w)
+        times[dtype] = time.perf_counter() - t
+    return times[torch.bfloat16] < 0.5 * times[torch.float32]
+
+
+def make_encoder(sae, precision: str = "auto", device: str | torch.device = "cpu", batch: int = 4096):
+    """Raw activations [R, d] -> (values, indices) on the CPU, in batches of ``batch`` rows.
+
+    precision "bfloat16" computes a TopK SAE's encoder GEMM in bf16 (fp32 accumulation): values
+    within ~0.5% of fp32 and a different selection only for near-ties at the k-th place; ten
+    times the speed on CPUs with AMX. "auto" picks it where it is faster (and on GPUs). Other
+    activations always run in fp32 through ``sae.encode``."""
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "bfloat16" if device.type == "cuda" or _bf16_is_faster(sae.d_in, sae.num_latents) else "float32"
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if sae.activation != "topk":
+        precision = "float32"
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vs, ids = [], []
+        for lo in range(0, x.shape[0], batch):
+            xb = x[lo : lo + batch].to(device)
+            if precision == "bfloat16":
+                x_norm, _ = sae.normalize_input(xb)
+                v, i = sae.select(sae.pre_acts(x_norm.to(torch.bfloat16)))
+            else:
+                v, i = sae.encode(xb)
+            vs.append(v.float().cpu())
+            ids.append(i.cpu())
+        if not vs:
+            return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.long)
+        return torch.cat(vs), torch.cat(ids)
+
+    encode.precision = precision
+    return encode
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+
+def scan(sae, cache_dir: str | Path, manifest: dict, split: str = "val", *, top_n: int = 20, samples: int = 4,
+         left: int = 24, right: int = 8, exclude_bos: bool = True, exclude_outliers: bool = True,
+         max_tokens: int | None = None, chunk_tokens: int = 8192, precision: str = "auto",
+         device: str = "cpu", seed: int = 0, progress: bool = True) -> tuple[LatentStats, np.ndarray, list[dict], str]:
+    """One streaming pass over ``split``. Scores the same positions as training and validation
+    (the data module's ``exclude_bos`` / ``exclude_outliers`` with the cache's threshold).
+    Returns (stats, tokens [blocks, T], per-block info, the encoder precision used)."""
+    T = int(manifest["context_length"])
+    dtype = manifest["dtype"]
+    rows = RowFilter(dtype, exclude_bos, manifest.get("outlier_threshold") if exclude_outliers else None)
+    stats = LatentStats(sae.num_latents, T, top_n=top_n, samples=samples, left=left, right=right, seed=seed)
+    encode = make_encoder(sae, precision, device)
+    total = int(manifest["splits"][split]["tokens"])
+    if max_tokens is not None:
+        total = min(total, max_tokens)
+    tokens, blocks = [], []
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"latent stats ({split})", disable=not progress)
+    for chunk in _chunks(iter_split(cache_dir, manifest, split), chunk_tokens, max_tokens):
+        first_token = len(tokens) * T
+        acts = torch.cat([sh.decode_acts(b.acts, dtype) for b in chunk])
+        scored = torch.from_numpy(np.concatenate([rows.mask(b.acts) for b in chunk]))
+        scored_rows = scored.nonzero().squeeze(1)
+        values, indices = encode(acts[scored_rows])
+        fired = values > 0
+        row = scored_rows[:, None].expand_as(indices)[fired]
+        stats.add(row, indices[fired], values[fired], scored, first_token)
+        for b in chunk:
+            tokens.append(b.tokens.astype(np.int32))
+            docs = (b.meta or {}).get("docs") or []
+            blocks.append({"index": b.index, "docs": [{"id": d.get("id"), "pos": d.get("pos", 0)} for d in docs]})
+        bar.update(acts.shape[0])
+    bar.close()
+    if not tokens:
+        raise ValueError(f"{cache_dir}: the {split} split has no blocks")
+    return stats, np.stack(tokens), blocks, encode.precision
+
+
+# --- logit effects -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def logit_effects(model, W_dec: torch.Tensor, m: int = 10, chunk: int = 1024) -> dict:
+    """The direct effect of each latent's decoder direction on the logits, W_dec @ W_U (the
+    layers after the hookpoint and the final norm are ignored): the m largest and smallest
+    entries per latent, as [n, m] tensors."""
+    W_U = model.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
+    dirs = W_dec.detach().float().cpu()
+    m = min(m, W_U.shape[0])
+    out = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
+    for lo in range(0, dirs.shape[0], chunk):
+        logits = dirs[lo : lo + chunk] @ W_U.t()
+        top = logits.topk(m, dim=-1)
+        bottom = logits.topk(m, dim=-1, largest=False)
+        out["top_ids"].append(top.indices)
+        out["top_values"].append(top.values)
+        out["bottom_ids"].append(bottom.indices)
+        out["bottom_values"].append(bottom.values)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# --- N2G -----------------------------------------------------------------------------------------
+
+
+def load_n2g(path: str | Path) -> dict[int, dict]:
+    """Per-latent N2G explanations from an eval report (``report.json``: details.n2g, with the
+    explanations inline or in the ``explanations_file`` next to it) or from the explanations
+    file itself."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    n2g = data.get("details", {}).get("n2g") if isinstance(data, dict) and "details" in data else None
+    if n2g is None:
+        explanations = data
+    elif "explanations" in n2g:
+        explanations = n2g["explanations"]
+    elif "explanations_file" in n2g:
+        explanations = json.loads((path.parent / n2g["explanations_file"]).read_text())
+    else:
+        log.warning("%s has no N2G explanations (details.n2g lacks them)", path)
+        explanations = {}
+    out = {}
+    for key, ex in (explanations or {}).items():
+        if str(key).isdigit() and isinstance(ex, dict):
+            out[int(key)] = {k: v for k, v in ex.items() if k != "trie"}
+    return out
+
+
+# --- the whole build -----------------------------------------------------------------------------
+
+
+def build_dashboard(
+    sae: str,
+    cache: str,
+    out: str,
+    eval_report: str | None = None,
+    split: str = "val",
+    top_n: int = 20,
+    samples_per_band: int = 4,
+    bands_shown: int = 5,
+    context_left: int = 24,
+    context_right: int = 8,
+    max_tokens: int | None = None,
+    exclude_bos: bool = True,
+    exclude_outliers: bool = True,
+    logits: bool = True,
+    num_logits: int = 10,
+    model: str | None = None,
+    precision: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Build the static latent dashboard of an SAE on a cached activation split.
+
+    Args:
+        sae: exported SAE folder (SAELens layout, cfg.json + sae_weights.safetensors).
+        cache: activation cache folder (manifest.json + shards) built for the SAE's model and hookpoint.
+        out: output folder; index.html, style.css and latents/<id>.html are written there.
+        eval_report: optional eval report.json (or n2g_explanations.json) with N2G explanations.
+        split: cache split to scan ("val" or "train").
+        top_n: top-activating contexts kept per latent.
+        samples_per_band: random contexts kept per latent and octave of activation value.
+        bands_shown: octave bands shown per latent page, strongest first.
+        context_left: tokens shown before the activating token.
+        context_right: tokens shown after it.
+        max_tokens: stop after this many tokens of the split (whole blocks); None scans it all.
+        exclude_bos: leave each block's BOS position out of the statistics, as training and
+            validation do (ActivationDataModule's default).
+        exclude_outliers: leave massive-activation outliers (norm above the cache's threshold)
+            out too, as training and validation do.
+        logits: compute each latent's logit effect (loads the subject model).
+        num_logits: promoted / suppressed tokens listed per latent.
+        model: subject model for the tokenizer and unembedding; default: the one in the cache's manifest.
+        precision: encoder GEMM precision: "auto", "float32" or "bfloat16" (see make_encoder).
+        device: where the SAE encodes ("cpu", "cuda", ...).
+        seed: seeds the random samples.
+        progress: show progress bars.
+    """
+    from sae_lit.dashboard.render import write_site
+    from sae_lit.export import load_sae
+    from sae_lit.subject import load_model, load_tokenizer
+
+    start = time.perf_counter()
+    manifest = sh.read_manifest(cache)
+    if manifest is None or not manifest.get("complete"):
+        raise sh.CacheError(f"{cache}: no complete activation cache (manifest.json with complete: true)")
+    sae_model = load_sae(sae, device=device)
+    if sae_model.d_in != int(manifest["d_in"]):
+        raise ValueError(f"the SAE takes d_in={sae_model.d_in} but {cache} holds d_in={manifest['d_in']} activations")
+    meta = (getattr(sae_model, "export_cfg", None) or {}).get("metadata", {})
+    hook = meta.get("hook_name")
+    if hook and manifest.get("hook_name") and hook != manifest["hook_name"]:
+        log.warning("the SAE was trained on %s but the cache holds %s activations", hook, manifest["hook_name"])
+
+    stats, tokens, blocks, used = scan(
+        sae_model, cache, manifest, split, top_n=top_n, samples=samples_per_band, left=context_left,
+        right=context_right, exclude_bos=exclude_bos, exclude_outliers=exclude_outliers, max_tokens=max_tokens,
+        precision=precision, device=device, seed=seed, progress=progress,
+    )
+    scanned = time.perf_counter()
+    model_spec = model or manifest["model"]
+    tokenizer = load_tokenizer(model_spec)
+    effects = None
+    if logits:
+        subject = load_model(model_spec, "cpu", "float32")
+        effects = logit_effects(subject, sae_model.W_dec, num_logits)
+        del subject
+    n2g = load_n2g(eval_report) if eval_report else {}
+    cfg = getattr(sae_model, "export_cfg", {}) or {}
+    title = f"{manifest.get('model_name', manifest['model'])} · {manifest.get('hook_name', manifest['hookpoint'])} · " \
+            f"{sae_model.num_latents:,} latents"
+    facts = {
+        "SAE": str(sae),
+        "architecture": f"{cfg.get('architecture', sae_model.activation)}"
+                        + (f", k = {sae_model.k}" if sae_model.activation == "topk" else ""),
+        "d_in × latents": f"{sae_model.d_in} × {sae_model.num_latents:,}",
+        "model": str(manifest.get("model_name", manifest["model"])),
+        "hookpoint": f"{manifest['hookpoint']} ({manifest.get('hook_name', '')})",
+        "cache": f"{cache} ({split} split, {len(blocks):,} blocks of {manifest['context_length']} tokens)",
+        "scored": f"{stats.tokens_scored:,} tokens" + (" (BOS excluded" if exclude_bos else " (BOS included")
+                  + (", outliers excluded)" if exclude_outliers and manifest.get("outlier_threshold") else ")"),
+        "encoder precision": used,
+        "N2G report": str(eval_report) if eval_report else "none",
+    }
+    data = DashboardData(
+        stats=stats, tokens=tokens, blocks=blocks,
+        info={"title": title, "facts": facts, "bands_shown": bands_shown},
+        logits=effects, n2g=n2g,
+        decode=lambda t: tokenizer.decode([t]),
+        special_ids=frozenset(getattr(tokenizer, "all_special_ids", []) or []),
+    )
+    loaded = time.perf_counter()
+    index = write_site(data, out, progress=progress)
+    done = time.perf_counter()
+    print(f"dashboard: {stats.tokens_scored:,} tokens, {stats.num_latents:,} latents -> {index}\n"
+          f"  wall time {done - start:.1f} s (scan {scanned - start:.1f} s, model/tokenizer/logits "
+          f"{loaded - scanned:.1f} s, pages {done - loaded:.1f} s)")
+    return index
