@@ -242,8 +242,9 @@ def test_index_page_lists_searches_and_sorts(site, browser):
     col = {c: i for i, c in enumerate(data["columns"])}
     rows = data["rows"]
     # search: a top-activating token of the busiest latent
-    word = rows[site["busiest"]][col["top_tokens"]].split(" ")[0].lower()
-    expect = [r[0] for r in rows if any(word in str(r[col[k]]).lower() for k in ("id", "top_tokens", "logits", "n2g"))]
+    word = rows[site["busiest"]][col["top_tokens"]][0].lower()
+    text = lambda r: " ".join([str(r[col["id"]]), *r[col["top_tokens"]], *r[col["logits"]], r[col["n2g"]]]).lower()
+    expect = [r[0] for r in rows if word in text(r)]
     box = browser.find_element(By.ID, "q")
     box.send_keys(word)
     assert _ids(browser) == expect and site["busiest"] in expect
@@ -292,3 +293,12 @@ def test_latent_page_shows_contexts_and_histogram(site, browser):
     browser.find_element(By.LINK_TEXT, "all latents").click()
     assert browser.current_url.endswith("index.html") or "index.html#" in browser.current_url
     assert _errors(browser) == []
+
+
+def test_shipped_config_parses():
+    from sae_lit.dashboard.__main__ import parser
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = parser().parse_args(["--config", str(root / "configs" / "dashboard.yaml")])
+    assert cfg.sae.endswith("version_0/sae") and cfg.cache == "data/cache/quickstart"
+    assert cfg.eval_report.endswith("eval/report.json") and cfg.precision == "auto"

@@ -24,7 +24,7 @@ table { border-collapse: collapse; }
 table.logits { width: 100%; } table.logits td { padding: 2px 8px; border-bottom: 1px solid var(--line); }
 table.logits td.num { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
 .tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eef1f6; border-radius: 3px; padding: 0 3px; white-space: pre; }
-.ws { color: #98a2b3; }
+.txt i, .tok i, .ws { font-style: normal; color: #98a2b3; }
 .sp { color: #98a2b3; font-style: italic; }
 .ctxs { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; }
 .ctx { display: flex; gap: 10px; padding: 5px 10px; border-bottom: 1px solid var(--line); align-items: baseline; }
@@ -65,7 +65,7 @@ INDEX_JS = """\
   const D = JSON.parse(document.getElementById("data").textContent);
   const C = D.columns, rows = D.rows, PAGE = 100;
   const col = Object.fromEntries(C.map((c, i) => [c, i]));
-  const hay = rows.map(r => [r[col.id], r[col.top_tokens], r[col.logits], r[col.n2g]].join("\\u0001").toLowerCase());
+  const hay = rows.map(r => [r[col.id], r[col.top_tokens].join(" "), r[col.logits].join(" "), r[col.n2g]].join("\\u0001").toLowerCase());
   const q = document.getElementById("q"), filter = document.getElementById("filter");
   const tbody = document.querySelector("#latents tbody"), info = document.getElementById("count");
   const prev = document.getElementById("prev"), next = document.getElementById("next");
@@ -81,19 +81,20 @@ INDEX_JS = """\
     return (p >= 1 ? p.toFixed(1) : p >= 0.01 ? p.toFixed(3) : p.toExponential(1)) + "%";
   }
   function dbar(x) {
-    // log10 density from 1e-6 (0 px) to 1 (60 px)
+    // log10 density from 1e-5 (1 px) to 1e-1 (60 px)
     if (!x) return "";
-    const w = Math.max(1, Math.round(60 * (Math.log10(x) + 6) / 6));
+    const w = Math.min(60, Math.max(1, Math.round(60 * (Math.log10(x) + 5) / 4)));
     return '<span class="dbar" style="width:' + w + 'px"></span>';
   }
+  function chips(list) { return list.map(t => '<span class="tok">' + esc(t) + "</span>").join(" "); }
   function row(r) {
     const id = r[col.id];
     return "<tr><td><a href=\\"latents/" + id + ".html\\">" + id + "</a></td>" +
       '<td class="num">' + dbar(r[col.density]) + pct(r[col.density]) + "</td>" +
       '<td class="num">' + num(r[col.max], 3) + "</td>" +
       '<td class="num">' + num(r[col.mean], 3) + "</td>" +
-      '<td class="toks">' + esc(r[col.top_tokens]) + "</td>" +
-      '<td class="toks">' + esc(r[col.logits]) + "</td>" +
+      '<td class="toks">' + chips(r[col.top_tokens]) + "</td>" +
+      '<td class="toks">' + chips(r[col.logits]) + "</td>" +
       '<td class="toks">' + esc(r[col.n2g]) + "</td>" +
       '<td class="num">' + num(r[col.precision], 2) + "</td>" +
       '<td class="num">' + num(r[col.recall], 2) + "</td></tr>";
@@ -113,7 +114,7 @@ INDEX_JS = """\
     const k = col[state.s], d = state.d;
     view.sort((a, b) => {
       const x = rows[a][k], y = rows[b][k];
-      const xn = x === null || x === "", yn = y === null || y === "";
+      const xn = x === null || x === "" || x.length === 0, yn = y === null || y === "" || y.length === 0;
       if (xn || yn) return xn === yn ? rows[a][0] - rows[b][0] : (xn ? 1 : -1);  // blanks last
       if (x < y) return -d; if (x > y) return d;
       return rows[a][0] - rows[b][0];

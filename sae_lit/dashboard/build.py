@@ -157,12 +157,12 @@ def scan(sae, cache_dir: str | Path, manifest: dict, split: str = "val", *, top_
 
 
 @torch.no_grad()
-def logit_effects(model, W_dec: torch.Tensor, m: int = 10, chunk: int = 1024) -> dict:
+def logit_effects(model, W_dec: torch.Tensor, m: int = 10, chunk: int = 1024, dtype=torch.float32) -> dict:
     """The direct effect of each latent's decoder direction on the logits, W_dec @ W_U (the
     layers after the hookpoint and the final norm are ignored): the m largest and smallest
-    entries per latent, as [n, m] tensors."""
-    W_U = model.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
-    dirs = W_dec.detach().float().cpu()
+    entries per latent, as [n, m] tensors. ``dtype`` of the GEMM (bf16 where it is fast)."""
+    W_U = model.get_output_embeddings().weight.detach().cpu().to(dtype)  # [V, d]
+    dirs = W_dec.detach().cpu().to(dtype)
     m = min(m, W_U.shape[0])
     out = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
     for lo in range(0, dirs.shape[0], chunk):
@@ -170,9 +170,9 @@ def logit_effects(model, W_dec: torch.Tensor, m: int = 10, chunk: int = 1024) ->
         top = logits.topk(m, dim=-1)
         bottom = logits.topk(m, dim=-1, largest=False)
         out["top_ids"].append(top.indices)
-        out["top_values"].append(top.values)
+        out["top_values"].append(top.values.float())
         out["bottom_ids"].append(bottom.indices)
-        out["bottom_values"].append(bottom.values)
+        out["bottom_values"].append(bottom.values.float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -280,7 +280,8 @@ def build_dashboard(
     effects = None
     if logits:
         subject = load_model(model_spec, "cpu", "float32")
-        effects = logit_effects(subject, sae_model.W_dec, num_logits)
+        effects = logit_effects(subject, sae_model.W_dec, num_logits,
+                                dtype=torch.bfloat16 if used == "bfloat16" else torch.float32)
         del subject
     n2g = load_n2g(eval_report) if eval_report else {}
     cfg = getattr(sae_model, "export_cfg", {}) or {}

@@ -24,11 +24,11 @@ def visible(text: str, spaces: bool = False) -> str:
     out = []
     for ch in text:
         if ch in _CONTROL:
-            out.append(f'<span class="ws">{_CONTROL[ch]}</span>')
+            out.append(f"<i>{_CONTROL[ch]}</i>")
         elif spaces and ch == " ":
-            out.append('<span class="ws">·</span>')
+            out.append("<i>·</i>")
         elif ord(ch) < 32 or ord(ch) == 127:
-            out.append(f'<span class="ws">\\x{ord(ch):02x}</span>')
+            out.append(f"<i>\\x{ord(ch):02x}</i>")
         else:
             out.append(html.escape(ch, quote=True))
     return "".join(out)
@@ -101,7 +101,7 @@ def histogram_svg(counts: np.ndarray, title: str = "", width: int = 540, height:
         if lo == 0 and hi == len(counts):
             break
     edges = bin_edges().numpy()
-    ml, mr, mt, mb = 44, 10, 12, 28
+    ml, mr, mt, mb = 44, 18, 12, 36
     pw, ph = width - ml - mr, height - mt - mb
     bw = pw / (hi - lo)
     top = counts[lo:hi].max()
@@ -109,7 +109,7 @@ def histogram_svg(counts: np.ndarray, title: str = "", width: int = 540, height:
     for g in (0.5, 1.0):
         y = mt + ph * (1 - g)
         parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6ec"/>')
-        parts.append(f'<text x="{ml - 4}" y="{y + 4:.1f}" text-anchor="end">{fmt(g * top, 3) if g < 1 else int(top)}</text>')
+        parts.append(f'<text x="{ml - 4}" y="{y + 4:.1f}" text-anchor="end">{round(g * top)}</text>')
     for i in range(lo, hi):
         c = int(counts[i])
         if c == 0:
@@ -138,32 +138,33 @@ def context_html(tokens: np.ndarray, T: int, tok_id: int, window: np.ndarray, le
     b, p = divmod(int(tok_id), T)
     lo, hi = max(0, p - left), min(T, p - left + len(window))
     parts = []
-    for t in range(lo, hi):
-        a = float(window[t - p + left])
-        tok = int(tokens[b, t])
-        text = names.html(tok)
-        if math.isnan(a):
-            parts.append(f'<span class="x" title="not scored (BOS / outlier)">{text}</span>')
+    cache = names._html
+    acts = window[lo - p + left : hi - p + left].tolist()
+    for t, tok, a in zip(range(lo, hi), tokens[b, lo:hi].tolist(), acts):
+        text = cache.get(tok) or names.html(tok)
+        if a != a:  # NaN
+            parts.append(f'<span class=x>{text}</span>')
         elif a > 0:
+            # unquoted attributes: these spans are most of a page's bytes
             alpha = 0.12 + 0.88 * min(a / scale, 1.0) if scale > 0 else 1.0
-            cls = "a m" if t == p else "a"
-            parts.append(f'<span class="{cls}" style="--a:{alpha:.2f}" title="{fmt(a)}">{text}</span>')
+            cls = '"a m"' if t == p else "a"
+            parts.append(f"<span class={cls} style=--a:{alpha:.2f} title={fmt(a)}>{text}</span>")
         else:
             parts.append(text)
-    label = html.escape(source)
-    return (f'<div class="ctx"><span class="v">{fmt(value)}</span><span class="src" title="{label}">{label}</span>'
-            f'<span class="txt">{"".join(parts)}</span></div>')
+    doc, where = source
+    return (f'<div class="ctx"><span class="v">{fmt(value)}</span><span class="src" title="{html.escape(doc)} · {where}">'
+            f'{html.escape(doc)}</span><span class="txt">{"".join(parts)}</span></div>')
 
 
-def source_label(blocks: list[dict], tok_id: int, T: int) -> str:
+def source_label(blocks: list[dict], tok_id: int, T: int) -> tuple[str, str]:
+    """(document id, "block b, token p") of a token, from the blocks' meta.json."""
     b, p = divmod(int(tok_id), T)
     info = blocks[b]
-    doc = None
+    doc = ""
     for d in info["docs"]:
         if d.get("pos", 0) <= p:
-            doc = d.get("id")
-    where = f"block {info['index']}, token {p}"
-    return f"{doc} · {where}" if doc else where
+            doc = str(d.get("id") or "")
+    return doc, f"block {info['index']}, token {p}"
 
 
 def n2g_html(ex: dict, names: Tokens) -> str:
@@ -301,13 +302,13 @@ def index_rows(data, names: Tokens) -> tuple[list[str], list[list]]:
             s = names.plain(int(data.tokens[t // T, t % T]))
             if s not in seen:
                 seen.append(s)
-        logits = ""
+        logits = []
         if data.logits is not None:
-            logits = " ".join(names.plain(int(i)) for i in data.logits["top_ids"][j, :4].tolist())
+            logits = [names.plain(int(i)) for i in data.logits["top_ids"][j, :4].tolist()]
         ex = data.n2g.get(j)
         rows.append([
             j, c / max(st.tokens_scored, 1), round(mx[j], 4) if c else None, round(sums[j] / c, 4) if c else None,
-            " ".join(seen), logits, n2g_text(ex), _num((ex or {}).get("precision")), _num((ex or {}).get("recall")),
+            seen, logits, n2g_text(ex), _num((ex or {}).get("precision")), _num((ex or {}).get("recall")),
         ])
     return columns, rows
 
@@ -316,7 +317,7 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 4)
 
 
-def density_svg(density: np.ndarray, width: int = 540, height: int = 160) -> str:
+def density_svg(density: np.ndarray, width: int = 540, height: int = 170) -> str:
     """Histogram of log10 density over the latents that fired (dead ones are counted apart)."""
     alive = density[density > 0]
     if alive.size == 0:
@@ -324,7 +325,7 @@ def density_svg(density: np.ndarray, width: int = 540, height: int = 160) -> str
     lo = math.floor(min(np.log10(alive).min(), -5))
     edges = np.arange(lo, 0.0001, 0.25)
     counts, _ = np.histogram(np.log10(alive), bins=edges)
-    ml, mr, mt, mb = 44, 10, 12, 28
+    ml, mr, mt, mb = 44, 18, 12, 36
     pw, ph = width - ml - mr, height - mt - mb
     bw, top = pw / len(counts), max(counts.max(), 1)
     parts = [f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" aria-label="latent density histogram" xmlns="http://www.w3.org/2000/svg">']
@@ -353,7 +354,7 @@ def index_page(data, names: Tokens) -> str:
     summary = (
         f'<div class="cards"><div class="card"><b>{st.num_latents:,}</b><span>latents</span></div>'
         f'<div class="card"><b>{st.tokens_scored:,}</b><span>tokens scored</span></div>'
-        f'<div class="card"><b>{dead:,}</b><span>never fired ({pct(dead / st.num_latents)})</span></div>'
+        f'<div class="card"><b>{dead:,}</b><span>never fired{f" ({pct(dead / st.num_latents)})" if dead else ""}</span></div>'
         f'<div class="card"><b>{pct(float(np.median(alive))) if alive.size else "–"}</b><span>median density (fired)</span></div>'
         f'<div class="card"><b>{len(data.n2g):,}</b><span>N2G explanations</span></div></div>'
     )
