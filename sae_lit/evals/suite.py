@@ -41,6 +41,10 @@ class EvalConfig:
     activation_tokens: int = 8192
     # int: training tokens for the JumpReLU threshold calibration
     calibration_tokens: int = 8192
+    # int: tokens (of activation_tokens) and solver iterations for the shrinkage refit; a dense
+    # ReLU code early in training has hundreds of latents per token, and costs ~m^2 per iteration
+    shrinkage_tokens: int = 2048
+    shrinkage_max_iter: int = 500
     # int: probe snippets of stdlib code / pydoc prose / KJV per genre (7 genres)
     probe_code_snippets: int = 96
     probe_pydoc_snippets: int = 48
@@ -157,7 +161,7 @@ def _run_one(name: str, sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
     if name == "shrinkage":
         from sae_lit.evals.shrinkage import shrinkage
 
-        return shrinkage(sae, data.val_acts)
+        return shrinkage(sae, data.val_acts[: cfg.shrinkage_tokens], max_iter=cfg.shrinkage_max_iter)
     if name == "progressive":
         from sae_lit.evals.progressive import progressive_recovery
 

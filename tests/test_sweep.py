@@ -1,0 +1,87 @@
+"""Sweeps: expansion and naming, a tiny end-to-end sweep on synthetic data, resume, tables."""
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sae_lit import sweep
+from sae_lit.module import SAEModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path, groups):
+    spec = {
+        "root": str(tmp_path / "sweep"),
+        "base_config": str(ROOT / "configs" / "tiny.yaml"),
+        "common": {"trainer.max_steps": 12, "trainer.val_check_interval": 6, "trainer.enable_progress_bar": False,
+                   "model.num_latents": 128, "data.init_args.val_batches": 1, "data.init_args.batch_size": 256},
+        "defaults": {"model.activation": "topk", "model.num_latents": 128, "model.k": 8, "lr_mult": 1.0},
+        "lr_at_16k": 1e-3,
+        "eval": {"activation_tokens": 256, "calibration_tokens": 256, "shrinkage_tokens": 64},
+        "groups": groups,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expand_dedupes_runs_shared_by_groups(tmp_path):
+    spec = sweep.read_sweep(_spec(tmp_path, {
+        "a": {"grid": {"model.k": [4, 8]}},
+        "b": {"evals": ["shrinkage"], "runs": [{"model.k": 8}, {"model.k": 8, "model.activation": "relu"}]},
+    }))
+    runs = {r.name: r for r in sweep.expand(spec)}
+    assert sorted(runs) == ["relu-n128-k8", "topk-n128-k4", "topk-n128-k8"]
+    assert runs["topk-n128-k8"].groups == ["a", "b"] and runs["topk-n128-k8"].evals == ["shrinkage"]
+    assert runs["topk-n128-k4"].evals == []
+    over = sweep.cli_overrides(runs["topk-n128-k4"], spec)
+    assert over["model.lr"] == pytest.approx(1e-3 * (2**14 / 128) ** 0.5) and "lr_mult" not in over
+
+
+def test_tiny_sweep_runs_resumes_and_writes_tables(tmp_path):
+    path = _spec(tmp_path, {
+        "nk": {"grid": {"model.k": [4, 8]}},
+        "relu": {"evals": ["shrinkage"], "runs": [{"model.activation": "relu", "model.l1_coeff": 0.01}]},
+    })
+    rows = sweep.main(["--config", str(path)])
+    assert len(rows) == 3
+    root = tmp_path / "sweep"
+    table = sweep.read_table(root / "results.csv")
+    by = {r["run"]: r for r in table}
+    assert by["topk-n128-k4"]["val/l0"] <= 4 and by["topk-n128-k4"]["tokens"] == 12 * 256
+    assert by["topk-n128-k4"]["flops"] == pytest.approx(6 * 64 * 128 * 12 * 256)
+    assert "eval/shrinkage" in by["relu-n128-k8-l10.01"] and by["relu-n128-k8-l10.01"]["eval/shrinkage"] > 0
+    curves = sweep.read_table(root / "curves.csv")
+    assert {c["run"] for c in curves} == set(by) and {c["step"] for c in curves} == {6, 12}
+    # Resume: finished runs are skipped (their result files are not rewritten).
+    done = root / "runs" / "topk-n128-k4" / "result.json"
+    stamp = done.stat().st_mtime_ns
+    (root / "runs" / "topk-n128-k8" / "result.json").unlink()
+    rows = sweep.main(["--config", str(path)])
+    assert len(rows) == 3 and done.stat().st_mtime_ns == stamp
+    assert json.loads((root / "runs" / "topk-n128-k8" / "result.json").read_text())["row"]["k"] == 8
+
+
+def test_unreadable_result_is_named(tmp_path):
+    path = _spec(tmp_path, {"a": {"runs": [{}]}})
+    bad = tmp_path / "sweep" / "runs" / "x" / "result.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="result.json"):
+        sweep.main(["--config", str(path), "--collect"])
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+def test_shipped_sweeps_expand_to_known_settings(name):
+    spec = sweep.read_sweep(ROOT / "configs" / "sweeps" / name)
+    assert (ROOT / spec["base_config"]).is_file()
+    params = set(inspect.signature(SAEModule.__init__).parameters)
+    runs = sweep.expand(spec)
+    assert len(runs) >= 10
+    for r in runs:
+        for key in sweep.cli_overrides(r, spec):
+            if key.startswith("model."):
+                assert key.split(".", 1)[1] in params, (r.name, key)
