@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,11 +29,28 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 _CHUNK = 256
 
 
+def _bucket_order(flat: Tensor, num_rows: int) -> Tensor:
+    """A permutation that groups equal ids in [0, num_rows) together (stable).
+
+    On CPU, torch's sort of B*k ids with many repeats is a comparison sort that costs more
+    than the whole sparse backward (hundreds of ms at B*k = 131k); numpy's stable sort of
+    16-bit keys is a radix sort, O(B*k). Ids past 16 bits take two stable passes (low
+    half, then high half): least-significant-digit radix sort."""
+    if flat.device.type != "cpu":
+        return torch.argsort(flat)
+    ids = flat.numpy()
+    if num_rows <= 1 << 16:
+        return torch.from_numpy(np.argsort(ids.astype(np.uint16), kind="stable"))
+    low = np.argsort((ids & 0xFFFF).astype(np.uint16), kind="stable")
+    high = np.argsort((ids[low] >> 16).astype(np.uint16 if num_rows <= 1 << 32 else np.int64), kind="stable")
+    return torch.from_numpy(low[high])
+
+
 def _csr_pattern(indices: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Transpose of the [B, num_rows] selection pattern as CSR: (crow, token of each nnz, order)."""
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    order = torch.argsort(flat)
+    order = _bucket_order(flat, num_rows)
     crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=indices.device)
     crow[1:] = torch.bincount(flat, minlength=num_rows).cumsum(0)
     return crow, order // k, order
@@ -71,7 +89,10 @@ def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     B, k = indices.shape
     if y.device.type == "cpu" and y.dtype == rows.dtype and y.dtype in (torch.float32, torch.float64):
         # Sampled dense-dense matmul on the selection pattern (CSR rows need sorted columns).
-        sorted_idx, perm = indices.sort(dim=1)
+        # numpy's row sort is ~25x faster than torch's for short rows on CPU.
+        perm_np = np.argsort(indices.numpy(), axis=1)
+        perm = torch.from_numpy(perm_np)
+        sorted_idx = torch.from_numpy(np.take_along_axis(indices.numpy(), perm_np, axis=1))
         crow = torch.arange(0, B * k + 1, k, device=y.device)
         pattern = torch.sparse_csr_tensor(
             crow, sorted_idx.reshape(-1), torch.zeros(B * k, dtype=y.dtype), size=(B, rows.shape[0]),
