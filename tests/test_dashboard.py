@@ -173,7 +173,7 @@ def site(tiny_cache, tmp_path_factory):
     export_sae(tiny_sae(manifest["d_in"]), root / "sae")
     stats, *_ = scan(tiny_sae(manifest["d_in"]), tiny_cache, manifest, "val", precision="float32", progress=False)
     explained = [int(j) for j in stats.count.argsort(descending=True)[:2]]
-    ex = {str(j): {"patterns": [[" the", "*"], ["<b>&", "\n"]], "precision": 0.75, "recall": 0.5, "f1": 0.6,
+    ex = {str(j): {"patterns": [[" the", "*"], ["</script><!--<b>&", "\n"]], "precision": 0.75, "recall": 0.5, "f1": 0.6,
                    "predicted": 4, "fired": 6, "trie": {}} for j in explained}
     (root / "n2g_explanations.json").write_text(json.dumps(ex))
     (root / "report.json").write_text(json.dumps({"details": {"n2g": {"explanations_file": "n2g_explanations.json"}}}))
@@ -189,7 +189,9 @@ def test_site_files(site):
     pages = sorted(out.glob("latents/*.html"))
     assert len(pages) == site["n"]
     text = (out / "latents" / f"{site['busiest']}.html").read_text()
-    assert "&lt;b&gt;&amp;" in text and "<b>&" not in text  # pattern tokens are escaped
+    assert "&lt;/script&gt;&lt;!--&lt;b&gt;&amp;" in text and "<b>&" not in text  # pattern tokens are escaped
+    index = (out / "index.html").read_text()
+    assert index.count("</script>") == 2 and "<!--" not in index  # nor can they end the data block
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
     assert "<svg" in text and 'class="a m"' in text
 
@@ -243,7 +245,7 @@ def test_index_page_lists_searches_and_sorts(site, browser):
     rows = data["rows"]
     # search: a top-activating token of the busiest latent
     word = rows[site["busiest"]][col["top_tokens"]][0].lower()
-    text = lambda r: " ".join([str(r[col["id"]]), *r[col["top_tokens"]], *r[col["logits"]], r[col["n2g"]]]).lower()
+    text = lambda r: " ".join([str(r[col["id"]]), *r[col["top_tokens"]], *r[col["logits"]], *r[col["n2g"]]]).lower()
     expect = [r[0] for r in rows if word in text(r)]
     box = browser.find_element(By.ID, "q")
     box.send_keys(word)
@@ -284,7 +286,7 @@ def test_latent_page_shows_contexts_and_histogram(site, browser):
     colours = {browser.execute_script("return getComputedStyle(arguments[0]).backgroundColor", e) for e in shaded[:20]}
     assert all(re.fullmatch(r"rgba?\(255, 122, 0(, 0?\.\d+)?\)", c) for c in colours), colours
     assert shaded[0].get_attribute("title")  # the value as tooltip
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".ctx .a.m")) >= 6  # one outlined token per top context
+    assert browser.find_elements(By.CSS_SELECTOR, ".ctx .a.m")  # the token each context is about
     assert browser.find_elements(By.CSS_SELECTOR, "svg.hist rect.bar")
     assert len(browser.find_elements(By.CSS_SELECTOR, "table.logits tr")) == 11
     assert browser.find_elements(By.CSS_SELECTOR, ".n2g .pat")

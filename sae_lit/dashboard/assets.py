@@ -48,6 +48,7 @@ table.latents th { position: sticky; top: 0; background: #fff; cursor: pointer; 
 table.latents th.sorted::after { content: " \\25BE"; } table.latents th.sorted.asc::after { content: " \\25B4"; }
 table.latents td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.latents td.toks { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; white-space: pre-wrap; max-width: 260px; }
+table.latents td.toks .tok { display: inline-block; margin: 1px 0; }
 table.latents tr:hover td { background: #f5f7fb; }
 .dbar { display: inline-block; height: 8px; background: rgb(var(--act)); border-radius: 2px; vertical-align: middle; margin-right: 6px; opacity: .8; }
 .summary { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 560px); gap: 24px; align-items: start; }
@@ -65,7 +66,7 @@ INDEX_JS = """\
   const D = JSON.parse(document.getElementById("data").textContent);
   const C = D.columns, rows = D.rows, PAGE = 100;
   const col = Object.fromEntries(C.map((c, i) => [c, i]));
-  const hay = rows.map(r => [r[col.id], r[col.top_tokens].join(" "), r[col.logits].join(" "), r[col.n2g]].join("\\u0001").toLowerCase());
+  const hay = rows.map(r => [r[col.id], r[col.top_tokens].join(" "), r[col.logits].join(" "), r[col.n2g].join(" ")].join("\\u0001").toLowerCase());
   const q = document.getElementById("q"), filter = document.getElementById("filter");
   const tbody = document.querySelector("#latents tbody"), info = document.getElementById("count");
   const prev = document.getElementById("prev"), next = document.getElementById("next");
@@ -95,7 +96,7 @@ INDEX_JS = """\
       '<td class="num">' + num(r[col.mean], 3) + "</td>" +
       '<td class="toks">' + chips(r[col.top_tokens]) + "</td>" +
       '<td class="toks">' + chips(r[col.logits]) + "</td>" +
-      '<td class="toks">' + esc(r[col.n2g]) + "</td>" +
+      '<td class="toks">' + chips(r[col.n2g]) + "</td>" +
       '<td class="num">' + num(r[col.precision], 2) + "</td>" +
       '<td class="num">' + num(r[col.recall], 2) + "</td></tr>";
   }
@@ -103,7 +104,7 @@ INDEX_JS = """\
     const r = rows[i];
     if (state.f === "alive" && !r[col.density]) return false;
     if (state.f === "dead" && r[col.density]) return false;
-    if (state.f === "n2g" && !r[col.n2g]) return false;
+    if (state.f === "n2g" && !r[col.n2g].length) return false;
     if (!state.q) return true;
     if (/^\\d+$/.test(state.q)) return String(r[col.id]) === state.q || hay[i].includes(state.q);
     return hay[i].includes(state.q);
@@ -113,8 +114,9 @@ INDEX_JS = """\
     for (let i = 0; i < rows.length; i++) if (keep(i)) view.push(i);
     const k = col[state.s], d = state.d;
     view.sort((a, b) => {
-      const x = rows[a][k], y = rows[b][k];
-      const xn = x === null || x === "" || x.length === 0, yn = y === null || y === "" || y.length === 0;
+      let x = rows[a][k], y = rows[b][k];
+      if (Array.isArray(x)) { x = x.join(" "); y = y.join(" "); }  // token lists sort as text
+      const xn = x === null || x === "", yn = y === null || y === "";
       if (xn || yn) return xn === yn ? rows[a][0] - rows[b][0] : (xn ? 1 : -1);  // blanks last
       if (x < y) return -d; if (x > y) return d;
       return rows[a][0] - rows[b][0];

@@ -92,6 +92,9 @@ def make_encoder(sae, precision: str = "auto", device: str | torch.device = "cpu
         raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
     if sae.activation != "topk":
         precision = "float32"
+    if precision == "bfloat16":
+        W_enc_t = sae.W_enc.detach().t().to(torch.bfloat16)
+        b_enc = sae.b_enc.detach().to(torch.bfloat16)
 
     @torch.no_grad()
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +102,10 @@ def make_encoder(sae, precision: str = "auto", device: str | torch.device = "cpu
         for lo in range(0, x.shape[0], batch):
             xb = x[lo : lo + batch].to(device)
             if precision == "bfloat16":
+                # sae.pre_acts with the centring (x - b_dec) in fp32, before the rounding: the
+                # residual stream's large shared component would otherwise eat the bf16 mantissa.
                 x_norm, _ = sae.normalize_input(xb)
-                v, i = sae.select(sae.pre_acts(x_norm.to(torch.bfloat16)))
+                v, i = sae.select(torch.addmm(b_enc, (x_norm - sae.b_dec).to(torch.bfloat16), W_enc_t))
             else:
                 v, i = sae.encode(xb)
             vs.append(v.float().cpu())
@@ -200,6 +205,20 @@ def load_n2g(path: str | Path) -> dict[int, dict]:
         if str(key).isdigit() and isinstance(ex, dict):
             out[int(key)] = {k: v for k, v in ex.items() if k != "trie"}
     return out
+
+
+def token_decoder(tokenizer) -> Callable[[int], str]:
+    """Token id -> its text. Decoding one id alone drops the leading space of SentencePiece
+    tokens ("▁the" -> "the"), which matters when tokens are shown one by one."""
+
+    def decode(t: int) -> str:
+        text = tokenizer.decode([t])
+        piece = tokenizer.convert_ids_to_tokens(t)
+        if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+            text = " " + text
+        return text
+
+    return decode
 
 
 # --- the whole build -----------------------------------------------------------------------------
@@ -304,7 +323,7 @@ def build_dashboard(
         stats=stats, tokens=tokens, blocks=blocks,
         info={"title": title, "facts": facts, "bands_shown": bands_shown},
         logits=effects, n2g=n2g,
-        decode=lambda t: tokenizer.decode([t]),
+        decode=token_decoder(tokenizer),
         special_ids=frozenset(getattr(tokenizer, "all_special_ids", []) or []),
     )
     loaded = time.perf_counter()

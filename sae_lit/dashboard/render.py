@@ -126,7 +126,7 @@ def histogram_svg(counts: np.ndarray, title: str = "", width: int = 540, height:
             x = ml + (i - lo) * bw
             parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" stroke="#98a2b3"/>')
             parts.append(f'<text x="{x:.1f}" y="{mt + ph + 16}" text-anchor="middle">{fmt(float(edges[i]), 3)}</text>')
-    parts.append(f'<text x="{ml + pw}" y="{height - 2}" text-anchor="end">activation (log scale)</text>')
+    parts.append(f'<text x="{ml + pw}" y="{height - 7}" text-anchor="end">activation (log scale)</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -182,10 +182,11 @@ def n2g_html(ex: dict, names: Tokens) -> str:
             f"(* = any token):</p>{''.join(pats)}</section>")
 
 
-def n2g_text(ex: dict | None) -> str:
+def n2g_text(ex: dict | None) -> list[str]:
+    """An explanation's first patterns as plain strings, for the index."""
     if not ex:
-        return ""
-    return " | ".join("".join(plain(str(t)) for t in pattern) for pattern in ex.get("patterns", [])[:6])
+        return []
+    return ["".join(plain(str(t)) for t in pattern) for pattern in ex.get("patterns", [])[:6]]
 
 
 # --- pages -------------------------------------------------------------------------------------
@@ -240,15 +241,20 @@ def latent_page(data, j: int, names: Tokens) -> str:
     if count == 0:
         out.append(f'<p class="muted">This latent never fired on the {st.tokens_scored:,} scored tokens.</p>')
     else:
-        ctx = []
-        keys, toks, wins = st.top.keys[j], st.top.fields["token"][j], st.top.fields["window"][j].float().numpy()
-        for s in range(keys.numel()):
-            if toks[s] < 0:
+        ctx, shown, folded = [], [], 0
+        keys, toks, wins = st.top.keys[j].tolist(), st.top.fields["token"][j].tolist(), st.top.fields["window"][j].float().numpy()
+        for s, tid in enumerate(toks):
+            if tid < 0:
                 break
-            tid = int(toks[s])
-            ctx.append(context_html(data.tokens, T, tid, wins[s], left, mx, float(keys[s]),
-                                    source_label(data.blocks, tid, T), names))
-        out.append(f'<h2>Top activations</h2><div class="ctxs">{"".join(ctx)}</div>')
+            # A firing inside the window of a stronger one shown above is already visible there
+            # (the next token of the same word, typically): fold it into that row.
+            if any(b == tid // T and -left <= tid % T - p <= st.right for b, p in shown):
+                folded += 1
+                continue
+            shown.append(divmod(tid, T))
+            ctx.append(context_html(data.tokens, T, tid, wins[s], left, mx, keys[s], source_label(data.blocks, tid, T), names))
+        note = f' <span class="muted" style="font-weight:normal;font-size:12px">({folded} more within the rows shown)</span>' if folded else ""
+        out.append(f'<h2>Top activations{note}</h2><div class="ctxs">{"".join(ctx)}</div>')
         out.append(_bands_html(data, j, mx, names))
     out.append('<p class="legend">Shading: activation relative to this latent\'s maximum (hover a token for its value); '
                "the outlined token is the one the row is about. Grey tokens were not scored (BOS, outliers). "
@@ -340,7 +346,7 @@ def density_svg(density: np.ndarray, width: int = 540, height: int = 170) -> str
         if abs(e - round(e)) < 1e-9:
             x = ml + i * bw
             parts.append(f'<text x="{x:.1f}" y="{mt + ph + 16}" text-anchor="middle">1e{int(round(e))}</text>')
-    parts.append(f'<text x="{ml + pw}" y="{height - 2}" text-anchor="end">firing frequency (log scale)</text></svg>')
+    parts.append(f'<text x="{ml + pw}" y="{height - 7}" text-anchor="end">firing frequency (log scale)</text></svg>')
     return "".join(parts)
 
 
@@ -363,7 +369,7 @@ def index_page(data, names: Tokens) -> str:
             ("precision", "P"), ("recall", "R")]
     ths = "".join(f'<th data-k="{k}">{html.escape(label)}</th>' for k, label in head)
     payload = json.dumps({"columns": columns, "rows": rows}, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    payload = payload.replace("</", "<\\/")  # never closes the script element
+    payload = payload.replace("<", "\\u003c")  # no "</script>" or "<!--" inside the script element
     body = f"""<header class="top"><h1>Latent dashboard</h1><span class="sub">{html.escape(data.info.get("title", ""))}</span></header>
 {summary}
 <div class="summary"><dl class="facts">{facts}</dl><section><h2 style="margin-top:6px">Latent density</h2>{density_svg(density)}</section></div>
