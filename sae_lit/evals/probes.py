@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -158,11 +159,22 @@ def build_examples(snippets: list[Snippet], tokenizer, max_per_class: int = 128,
     return ids, tasks, skipped
 
 
+_ACTS_CACHE: dict = {}
+
+
 @torch.no_grad()
 def snippet_acts(model: nn.Module, hookpoint: str, ids: list[list[int]], wanted: dict[int, list[int]],
                  batch_size: int = 16, pad_id: int = 0) -> dict[tuple[int, int], Tensor]:
     """Hookpoint activations (float32, CPU) at the wanted positions of each snippet. Batches are
-    right-padded: the model is causal, so padding after a position cannot change it."""
+    right-padded: the model is causal, so padding after a position cannot change it.
+
+    They depend on the model and snippets only, not on the SAE: the last result is kept, so
+    evaluating many SAEs on one model (a sweep, validation every few hundred steps) runs the
+    LM once."""
+    key = (hookpoint, tuple(map(tuple, ids)), tuple((s, tuple(p)) for s, p in sorted(wanted.items())))
+    ref = _ACTS_CACHE.get("model")
+    if ref is not None and ref() is model and _ACTS_CACHE.get("key") == key:  # weakref: ids get reused
+        return _ACTS_CACHE["out"]
     out = {}
     sids = sorted(wanted, key=lambda s: len(ids[s]))
     for lo in range(0, len(sids), batch_size):
@@ -175,6 +187,7 @@ def snippet_acts(model: nn.Module, hookpoint: str, ids: list[list[int]], wanted:
         for r, s in enumerate(batch):
             for p in wanted[s]:
                 out[(s, p)] = acts[r, p]
+    _ACTS_CACHE.update(model=weakref.ref(model), key=key, out=out)
     return out
 
 
