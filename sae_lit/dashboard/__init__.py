@@ -3,7 +3,8 @@
     python -m sae_lit.dashboard --sae DIR --cache DIR --out DIR [--eval-report report.json]
     python -m sae_lit.dashboard --config configs/dashboard.yaml
 
-``stats`` is the streaming pass, ``build`` puts the pieces together, ``render`` writes HTML.
+``stats`` is the streaming pass, ``build`` puts the pieces together, ``render`` writes the
+pages (with ``svg`` charts and ``assets``: stylesheet and the index script).
 """
 from sae_lit.dashboard.build import build_dashboard
 
