@@ -170,8 +170,12 @@ def site(tiny_cache, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("site")
     manifest = sh.read_manifest(tiny_cache)
-    export_sae(tiny_sae(manifest["d_in"]), root / "sae")
-    stats, *_ = scan(tiny_sae(manifest["d_in"]), tiny_cache, manifest, "val", precision="float32", progress=False)
+    sae = tiny_sae(manifest["d_in"])
+    with torch.no_grad():
+        sae.b_enc[0] = -1e3  # a dead latent
+    export_sae(sae, root / "sae")
+    stats, *_ = scan(sae, tiny_cache, manifest, "val", precision="float32", progress=False)
+    assert int(stats.count[0]) == 0
     explained = [int(j) for j in stats.count.argsort(descending=True)[:2]]
     ex = {str(j): {"patterns": [[" the", "*"], ["</script><!--<b>&", "\n"]], "precision": 0.75, "recall": 0.5, "f1": 0.6,
                    "predicted": 4, "fired": 6, "trie": {}} for j in explained}
@@ -194,6 +198,7 @@ def test_site_files(site):
     assert index.count("</script>") == 2 and "<!--" not in index  # nor can they end the data block
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
     assert "<svg" in text and 'class="a m"' in text
+    assert "never fired" in (out / "latents" / "0.html").read_text()
 
 
 def _browser():
@@ -268,6 +273,8 @@ def test_index_page_lists_searches_and_sorts(site, browser):
     values = [rows[i][col["max"]] for i in _ids(browser) if rows[i][col["max"]] is not None]
     assert values == sorted(values)
 
+    Select(browser.find_element(By.ID, "filter")).select_by_value("dead")
+    assert _ids(browser) == [0]
     Select(browser.find_element(By.ID, "filter")).select_by_value("n2g")
     assert sorted(_ids(browser)) == sorted(site["explained"])
     browser.save_screenshot(str(ARTIFACTS / "index-n2g.png"))
