@@ -45,6 +45,8 @@ def table(header, rows) -> str:
 
 def _interp_loglog(x, xs, ys):
     """y at x along the polyline (xs, ys) in log-log space; None outside its range."""
+    if x is None or x <= 0:
+        return None
     order = np.argsort(xs)
     xs, ys = np.log(np.asarray(xs, float)[order]), np.log(np.asarray(ys, float)[order])
     lx = math.log(x)

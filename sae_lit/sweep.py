@@ -244,8 +244,10 @@ def collect(spec: dict) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: unreadable result ({e}); delete it to rerun that run") from None
         row = res["row"]
-        if row["run"] in by_name:  # groups as the sweep file says now
-            row["groups"] = ";".join(by_name[row["run"]].groups)
+        if row["run"] not in by_name:
+            log.info("%s: not in the sweep file any more, left out of the tables", path.parent.name)
+            continue
+        row["groups"] = ";".join(by_name[row["run"]].groups)  # as the sweep file says now
         rows.append(row)
         log_dir = row.get("log_dir")
         # Rebuilt from the run's own TensorBoard events when they are there (they are the record).
