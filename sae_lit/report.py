@@ -274,8 +274,9 @@ class Report:
         body = [f"n = {r['num_latents']}, k = {r['k']}. Sparsity = (‖Δlogits‖₁/‖Δlogits‖₂)² / (V·T) over all later "
                 "positions of a 64-token context; lower = sparser.",
                 table(["", "SAE latents", "residual channels"], [["ablation sparsity", s, c]]),
-                self.verdict(claim, s < c, f"{s:.3f} for SAE latents against {c:.3f} for channels; the rule: holds if "
-                             "the SAE's is lower.")]
+                self.verdict(claim, s <= 0.9 * c, f"{s:.3f} for SAE latents against {c:.3f} for channels (paper: "
+                             "≈ 0.10–0.14 against ≈ 0.60). The rule: holds if the SAE's is at least 10% lower; a "
+                             "smaller gap is within the noise of 64 sampled (latent, token) pairs.")]
         self.add("6. Ablation sparsity", claim, body)
 
     def scaling(self) -> None:
@@ -309,10 +310,18 @@ class Report:
         body.append("Slope of the reducible term in log n at each k (β_n + γ log k; negative = more latents help): "
                     + ", ".join(f"k={kk}: {v:+.3f}" for kk, v in slopes.items()) + ".")
         falling = all(v < 0 for v in slopes.values())
-        holds = fit.r2 >= 0.95 and falling
+        # ... and the data themselves: NMSE may not rise (beyond 1% noise) as n doubles at fixed k.
+        rises = []
+        for kk in sorted(set(k)):
+            pts = sorted((nn, ll) for nn, ll, kk2 in zip(n, L, k) if kk2 == kk)
+            rises += [f"k={int(kk)}: n={int(a[0])}→{int(b[0])} {a[1]:.4f}→{b[1]:.4f}" for a, b in zip(pts, pts[1:])
+                      if b[1] > a[1] * 1.01]
+        body.append("Measured NMSE rising with n at fixed k (beyond 1%): " + ("; ".join(rises) if rises else "none") + ".")
+        holds = fit.r2 >= 0.95 and falling and not rises
         body.append(self.verdict(claim, holds, f"the joint law explains {fit.r2:.1%} of the variance of log NMSE, and the "
-                                 f"reducible term {'falls' if falling else 'does not fall'} with n at every k. The rule: "
-                                 "holds if R² ≥ 0.95 and NMSE falls with n at every k. With 4 sizes and ~1M tokens per "
+                                 f"reducible term {'falls' if falling else 'does not fall'} with n at every k; "
+                                 f"{len(rises)} measured step(s) in n go up. The rule: holds if R² ≥ 0.95, the fitted "
+                                 "reducible term falls with n at every k and no measured NMSE rises with n. With 4 sizes and ~1M tokens per "
                                  "run the individual coefficients are loosely determined (see the stderrs), and larger "
                                  "dictionaries are further from convergence at a fixed token budget."))
         self.add("7. Scaling laws in n and k", claim, body)
@@ -345,8 +354,12 @@ class Report:
                            [[r["num_latents"], r["best_lr"], r["best_nmse"], r["n_lrs"], "yes" if r["edge"] else "no"]
                             for r in lr.rows])]
             if lr.fit is not None:
+                edge = all(r["edge"] for r in lr.rows)
+                caveat = (" Every best lr sits at the edge of its range, so this exponent only restates the grid's own "
+                          "1/√n scaling: the optimum lies outside the range tried, and the measurement is that at "
+                          "~1M tokens the best lr is at least the largest one tried." if edge else "")
                 body += [f"Fit best lr ∝ n^b: b = {lr.fit.params['b']:.2f} ± {lr.fit.stderr['b']:.2f} (paper ≈ −0.5), "
-                         f"R² {lr.fit.r2:.3f}.", self.figure(fits.plot_power_law(
+                         f"R² {lr.fit.r2:.3f}.{caveat}", self.figure(fits.plot_power_law(
                              [r["num_latents"] for r in lr.rows], [r["best_lr"] for r in lr.rows], lr.fit,
                              "latents n", "best lr"), "best_lr_vs_n")]
         if body:
