@@ -98,6 +98,7 @@ def test_report_renders_every_claim_and_verdicts_follow_rules(tmp_path):
     summary = text.split("## Summary")[1].split("## 1.")[0]
     assert summary.count("| holds |") == 7, summary
     assert "R² (log NMSE) = 0.99" in text or "R² (log NMSE) = 1.00" in text
+    assert (out / "results.csv").is_file() and (out / "curves.csv").is_file()
     for fig in ("baselines_nmse_l0", "progressive", "scaling_nk", "compute_frontier", "best_lr_vs_n"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
 
@@ -109,5 +110,5 @@ def test_report_says_does_not_hold_when_baseline_wins(tmp_path):
             r["eval/progressive_nmse_4k"] = 0.6  # Multi-TopK degrades too
     path = report.main(["--sweep", str(_write(tmp_path, rows, details)), "--out", str(tmp_path / "r")])
     summary = path.read_text().split("## Summary")[1].split("## 1.")[0]
-    assert "TopK best NMSE–L0 frontier and ΔCE at equal NMSE | does not hold" in summary
+    assert "best ΔCE at equal NMSE among ReLU, ProLU and Gated. | does not hold" in summary
     assert "Multi-TopK gives a progressive code" in summary and summary.count("does not hold") == 2
