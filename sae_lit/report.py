@@ -294,7 +294,8 @@ class Report:
         k = np.array([r["k"] for r in rows], float)
         L = np.array([r["val/nmse"] for r in rows], float)
         fit = fits.fit_nk(n, k, L)
-        body = [f"{len(rows)} TopK runs (n × k grid, {rows[0]['tokens']:,} tokens each). Joint fit of the paper's form "
+        lrs = ", ".join(f"n={int(nn)}: {lr:.3g}" for nn, lr in sorted({(r["num_latents"], r["lr"]) for r in rows}))
+        body = [f"{len(rows)} TopK runs (n × k grid, {rows[0]['tokens']:,} tokens each; lr {lrs}). Joint fit of the paper's form "
                 "L(n,k) = exp(α + β_k log k + β_n log n + γ log k log n) + exp(ζ + η log k) in log space:",
                 table(["parameter", "ours", "± stderr", "paper (GPT-4)"],
                       [[p, fit.params[p], fit.stderr[p], ref] for p, ref in
