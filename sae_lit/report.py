@@ -351,7 +351,11 @@ class Report:
             body += [f"**Compute frontier.** Lower envelope of every validation point of the nk runs (C = 6·d·n·tokens): "
                      f"{fr.fit.summary()}.", self.figure(fits.plot_frontier(fr, title="NMSE vs training compute"), "compute_frontier")]
         conv = [c for c in fits.convergence_table(self.curves, fits.select(nk, k=32)) if c["tokens_to_convergence"]]
-        if len(conv) >= 3:
+        if conv and all(c["censored"] for c in conv):
+            body.append(f"**Tokens to convergence** (k = 32): all {len(conv)} runs were still improving at their last "
+                        "validation point (within 2% of the final NMSE only there), so no exponent can be measured at "
+                        "this token budget.")
+        elif len(conv) >= 3:
             cens = sum(bool(c["censored"]) for c in conv)
             x = [c["num_latents"] for c in conv]
             y = [c["tokens_to_convergence"] for c in conv]
