@@ -256,7 +256,8 @@ class Report:
         claim = "Probe loss and N2G explanation quality improve as the number of latents grows."
         lines = [[r["num_latents"], r["val/nmse"], r.get("eval/probe_loss"), r.get("eval/probe_loss_residual"),
                   r.get("eval/n2g_precision"), r.get("eval/n2g_recall"), r.get("eval/n2g_f1")] for r in rows]
-        body = ["k = 32. Probe loss: mean over the built-in binary tasks of the best single latent's held-out "
+        lrs = ", ".join(f"n={int(r['num_latents'])}: {r['lr']:.3g}" for r in rows)
+        body = [f"k = 32; lr {lrs}. Probe loss: mean over the built-in binary tasks of the best single latent's held-out "
                 "cross-entropy (chance 0.693; the residual column is the same with raw residual channels). N2G on "
                 "32 sampled latents per SAE.",
                 table(["n", "NMSE", "probe loss", "probe loss (residual channels)", "N2G precision", "N2G recall",

@@ -181,7 +181,7 @@ class EvalRunner:
 
         return EvalConfig(**{**(self.spec.get("eval") or {}), "evals": list(evals)})
 
-    def __call__(self, run: Run, sae_dir: Path, out_dir: Path) -> dict:
+    def __call__(self, run: Run, sae_dir: Path, out_dir: Path, merge: bool = False) -> dict:
         if not run.evals:
             return {}
         from sae_lit.evals.report import close_figures, write_report
@@ -198,7 +198,7 @@ class EvalRunner:
         sae = load_sae(sae_dir)
         with torch.no_grad():
             report, figures = run_suite(sae, self.data, self._config(run.evals))
-        write_report(report, figures, out_dir, merge=False)
+        write_report(report, figures, out_dir, merge=merge)
         close_figures(figures)
         for name, err in report["errors"].items():
             log.warning("run %s: eval %s failed: %s", run.name, name, err)
@@ -216,21 +216,50 @@ def run_sweep(spec: dict, only: list[str] | None = None) -> list[dict]:
         run_dir = root / "runs" / run.name
         done = run_dir / "result.json"
         if done.exists():
-            log.info("[%d/%d] %s: done, skipped", i + 1, len(runs), run.name)
+            res = json.loads(done.read_text())
+            row = res["row"]
+            have = evals_done(row)
+            missing = [e for e in run.evals if e not in have]
+            if not missing:
+                log.info("[%d/%d] %s: done, skipped", i + 1, len(runs), run.name)
+                continue
+            # A finished run that a group now also wants evaluated: run only the missing evals.
+            log.info("[%d/%d] %s: trained; evaluating %s", i + 1, len(runs), run.name, ", ".join(missing))
+            log_dir = Path(row["log_dir"])
+            row.update(evaluator(dataclasses.replace(run, evals=missing), log_dir / "sae", log_dir / "eval", merge=True))
+            row["evals"] = ";".join(sorted(have | set(missing)))
+            _write_result(done, row, res["curve"])
             continue
         log.info("[%d/%d] %s (%s)", i + 1, len(runs), run.name, ", ".join(run.groups))
         start = time.perf_counter()
         row, curve = train_run(run, spec, run_dir)
         sae_dir = Path(row["log_dir"]) / "sae"
         row.update(evaluator(run, sae_dir, Path(row["log_dir"]) / "eval"))
+        row["evals"] = ";".join(run.evals)
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
         row["settings"] = json.dumps(run.settings, sort_keys=True)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
-        tmp.replace(done)  # atomic: a killed run leaves no result and is redone
+        _write_result(done, row, curve)
         log.info("  %s: val/nmse=%.4f l0=%.1f dead=%.3f, %.0f s", run.name, row.get("val/nmse", float("nan")),
                  row.get("val/l0", float("nan")), row.get("val/dead_frac", float("nan")), row["wall_seconds"])
     return collect(spec)
+
+
+def _write_result(path: Path, row: dict, curve: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
+    tmp.replace(path)  # atomic: a killed run leaves no result and is redone
+
+
+def evals_done(row: dict) -> set[str]:
+    """The evals a finished run has had: its ``evals`` field, or (older results) those its
+    eval report records as run, skipped or failed."""
+    if row.get("evals") is not None:
+        return set(filter(None, str(row["evals"]).split(";")))
+    path = Path(str(row.get("log_dir", ""))) / "eval" / "report.json"
+    if not path.is_file():
+        return set()
+    report = json.loads(path.read_text())
+    return set(report.get("seconds", {})) | set(report.get("skipped", {})) | set(report.get("errors", {}))
 
 
 def collect(spec: dict) -> list[dict]:

@@ -63,6 +63,15 @@ def test_tiny_sweep_runs_resumes_and_writes_tables(tmp_path):
     rows = sweep.main(["--config", str(path)])
     assert len(rows) == 3 and done.stat().st_mtime_ns == stamp
     assert json.loads((root / "runs" / "topk-n128-k8" / "result.json").read_text())["row"]["k"] == 8
+    # A group that now also wants a finished run evaluated: only the eval runs, no retraining.
+    spec = yaml.safe_load(path.read_text())
+    spec["groups"]["nk"]["evals"] = ["shrinkage"]
+    path.write_text(yaml.safe_dump(spec))
+    rows = sweep.main(["--config", str(path)])
+    assert done.stat().st_mtime_ns != stamp
+    by = {r["run"]: r for r in sweep.read_table(root / "results.csv")}
+    assert by["topk-n128-k4"]["eval/shrinkage"] > 0 and by["topk-n128-k4"]["evals"] == "shrinkage"
+    assert len(list((root / "runs" / "topk-n128-k4" / "lightning_logs").iterdir())) == 1  # not retrained
 
 
 def test_unreadable_result_is_named(tmp_path):
