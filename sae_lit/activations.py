@@ -47,15 +47,16 @@ class ActOutput(NamedTuple):
     """[B, n] dense latent codes."""
     penalty: Tensor
     """Unweighted sparsity penalty (0 when the variant has none)."""
+    pre: Tensor | None = None
+    """Detached [B, n] pre-activations the codes were selected from (BatchTopK), for AuxK."""
+    gate: Tensor | None = None
+    """ReLU of Gated's gate pre-activations, for its auxiliary loss."""
 
 
 class DenseActivation(nn.Module):
     name = "dense"
     uses_l1 = False
     supports_auxk = False
-
-    def pre_acts(self, sae, x_c: Tensor) -> Tensor:
-        return torch.addmm(sae.b_enc.to(x_c.dtype), x_c, sae.W_enc.t().to(x_c.dtype))
 
     def forward(self, sae, x_c: Tensor) -> ActOutput:  # training codes
         raise NotImplementedError
@@ -73,7 +74,7 @@ class ReLUActivation(DenseActivation):
     uses_l1 = True
 
     def forward(self, sae, x_c):
-        z = self.pre_acts(sae, x_c).relu()
+        z = sae.centred_pre_acts(x_c).relu()
         return ActOutput(z, losses.l1_penalty(z, sae.W_dec.norm(dim=1)))
 
 
@@ -111,23 +112,18 @@ class GatedActivation(DenseActivation):
         self.r_mag = nn.Parameter(torch.zeros(num_latents))
         self.b_mag = nn.Parameter(torch.zeros(num_latents))
 
-    def gate_pre(self, sae, x_c):
-        return self.pre_acts(sae, x_c)
-
     def forward(self, sae, x_c):
         W = sae.W_enc.to(x_c.dtype)
-        pi = self.gate_pre(sae, x_c)
+        pi = sae.centred_pre_acts(x_c)
         mag = torch.addmm(self.b_mag.to(x_c.dtype), x_c, (W * self.r_mag.exp().to(x_c.dtype)[:, None]).t()).relu()
         z = (pi > 0).to(mag.dtype) * mag
-        self._gate = pi.relu()
-        return ActOutput(z, losses.l1_penalty(self._gate, sae.W_dec.norm(dim=1)))
+        gate = pi.relu()
+        return ActOutput(z, losses.l1_penalty(gate, sae.W_dec.norm(dim=1)), gate=gate)
 
     def extra_loss(self, sae, x_norm, x_c, out, denom):
         # The gate's own reconstruction through a frozen decoder: trains W_enc / b_enc to
         # open the gate where the latent helps, without moving the decoder.
-        gate = self._gate
-        self._gate = None
-        recon = gate @ sae.W_dec.detach() + sae.b_dec.detach()
+        recon = out.gate @ sae.W_dec.detach() + sae.b_dec.detach()
         return losses.nmse(x_norm, recon, denom)
 
 
@@ -143,7 +139,8 @@ class BatchTopKActivation(DenseActivation):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def forward(self, sae, x_c):
-        pre = self.pre_acts(sae, x_c).relu()
+        raw = sae.centred_pre_acts(x_c)
+        pre = raw.relu()
         flat = pre.flatten()
         keep = min(self.k * pre.shape[0], flat.numel())
         with torch.no_grad():
@@ -158,10 +155,10 @@ class BatchTopKActivation(DenseActivation):
                     t = self.threshold
                     t.copy_(low if t < 0 else t * self.threshold_decay + low * (1 - self.threshold_decay))
         z = pre * mask.view_as(pre)
-        return ActOutput(z, pre.new_zeros(()))
+        return ActOutput(z, pre.new_zeros(()), pre=raw.detach())
 
     def infer(self, sae, x_c):
-        pre = self.pre_acts(sae, x_c)
+        pre = sae.centred_pre_acts(x_c)
         if float(self.threshold) < 0:
             v, i = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter_(1, i, v.relu())

@@ -133,7 +133,11 @@ class TopKSAE(nn.Module):
     # ---------------------------------------------------------------- inference API
     def pre_acts(self, x_norm: Tensor) -> Tensor:
         """Dense [B, num_latents] pre-activations of already-normalised inputs."""
-        return torch.addmm(self.b_enc.to(x_norm.dtype), x_norm - self.b_dec.to(x_norm.dtype), self.W_enc.t().to(x_norm.dtype))
+        return self.centred_pre_acts(x_norm - self.b_dec.to(x_norm.dtype))
+
+    def centred_pre_acts(self, x_c: Tensor) -> Tensor:
+        """W_enc x_c + b_enc for inputs already centred by b_dec (differentiable)."""
+        return torch.addmm(self.b_enc.to(x_c.dtype), x_c, self.W_enc.t().to(x_c.dtype))
 
     def select(self, pre: Tensor, k: int | None = None) -> EncoderOutput:
         """TopK of dense pre-activations (TopK SAEs only; see ``encode`` for the others)."""
@@ -275,7 +279,7 @@ class TopKSAE(nn.Module):
             dead_rows = dead_mask.nonzero().squeeze(1)
             if dead_rows.numel() > 0:
                 with torch.no_grad():
-                    pre_dead = torch.addmm(self.b_enc[dead_rows], x_c, self.W_enc[dead_rows].t())
+                    pre_dead = out.pre.index_select(1, dead_rows)  # the activation's own GEMM
                     aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
                 aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local)
                 auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
