@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from sae_lit import native
 from sae_lit.sae import TopKSAE
 
 DEFAULT_SHAPES = ["576,16384,32,4096", "576,4096,32,4096", "768,32768,32,2048"]
@@ -136,10 +137,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-naive", action="store_true", help="skip the dense-autograd reference")
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's allocator as is (SAEModule tunes it on CPU; see native.keep_freed_memory)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}")
+    if args.device == "cpu" and not args.no_keep_freed_memory:
+        native.keep_freed_memory()  # as SAEModule does when it trains on CPU
+    print(f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}"
+          f" native_kernels={native.available() if args.device == 'cpu' else 'n/a'}")
     header = (f"{'shape':<32} {'floor tok/s':>12} {'step tok/s':>12} {'step/floor':>10} {'auxk_bf16/floor':>15}"
               f" {'step/plain floor':>16}")
     if not args.no_naive:

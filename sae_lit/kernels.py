@@ -219,26 +219,27 @@ class TopKTrainStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, x_c, top_i, top_v, k: int, multi: bool,
-                dead_rows, aux_local, aux_v, aux_dense: bool, aux_dtype: torch.dtype | None = None):
+                dead_rows, aux_local, aux_v, aux_z, aux_dtype: torch.dtype | None = None):
+        """AuxK comes either as ``aux_z``, the dense [B, n_dead] block of ReLU'd top-k_aux
+        pre-activations of the latents ``dead_rows`` (GEMMs), or as ``aux_local`` /
+        ``aux_v`` [B, k_aux], positions in ``dead_rows`` and pre-activations (gathers)."""
         ctx.set_materialize_grads(False)
         v = top_v.relu()
         recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec) + b_dec
         empty = recon_k.new_empty(0)
         recon_all = gather_sum(top_i, v, W_dec) + b_dec if multi else empty
         aux_hat, z, W_dead = empty, None, None
-        if dead_rows is not None:
-            z_vals = aux_v.relu()
-            if aux_dense:
-                # aux_dtype (e.g. bf16) runs AuxK's four [B, n_dead] GEMMs in lower precision
-                # with fp32 accumulation, as autocast would; the main loss is unaffected.
-                dt = aux_dtype or z_vals.dtype
-                z = torch.zeros(x_c.shape[0], dead_rows.numel(), dtype=dt, device=z_vals.device)
-                z.scatter_(1, aux_local, z_vals.to(dt))
-                W_dead = W_dec[dead_rows].to(dt)
-                aux_hat = (z @ W_dead).to(W_dec.dtype)
-            else:
-                z = z_vals
-                aux_hat = gather_sum(dead_rows[aux_local], z_vals, W_dec)
+        aux_dense = dead_rows is not None and aux_z is not None
+        if aux_dense:
+            # aux_dtype (e.g. bf16) runs AuxK's four [B, n_dead] GEMMs in lower precision
+            # with fp32 accumulation, as autocast would; the main loss is unaffected.
+            dt = aux_dtype or aux_z.dtype
+            z = aux_z.to(dt)
+            W_dead = W_dec[dead_rows].to(dt)
+            aux_hat = (z @ W_dead).to(W_dec.dtype)
+        elif dead_rows is not None:
+            z = aux_v.relu()
+            aux_hat = gather_sum(dead_rows[aux_local], z, W_dec)
         ctx.k, ctx.multi, ctx.aux_dense = k, multi, aux_dense
         ctx.save_for_backward(W_enc, W_dec, x_c, top_i, top_v, dead_rows, aux_local, aux_v, z, W_dead)
         return recon_k, recon_all, aux_hat

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sae_lit import native
 from sae_lit.metrics import NMSE, FiringCounts, MeanL0
 from sae_lit.sae import Activation, BDecInit, Normalize, TopKSAE
 
@@ -103,6 +104,8 @@ class SAEModule(L.LightningModule):
         return self.ema if self.ema is not None else self.sae
 
     def on_fit_start(self) -> None:
+        if self.device.type == "cpu":
+            native.keep_freed_memory()  # no page faults on the step's large temporaries
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "export_metadata"):
             self.export_metadata = dm.export_metadata()

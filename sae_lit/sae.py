@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_lit import kernels, losses
+from sae_lit import kernels, losses, native
 from sae_lit.activations import DENSE_ACTIVATIONS, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
@@ -141,7 +141,7 @@ class TopKSAE(nn.Module):
 
     def select(self, pre: Tensor, k: int | None = None) -> EncoderOutput:
         """TopK of dense pre-activations (TopK SAEs only; see ``encode`` for the others)."""
-        v, i = pre.topk(k or self.k, dim=-1, sorted=False)
+        v, i = native.topk(pre, k or self.k)
         return EncoderOutput(v.relu(), i)
 
     def _encode_norm(self, x_norm: Tensor, k: int | None) -> EncoderOutput:
@@ -187,23 +187,34 @@ class TopKSAE(nn.Module):
         x_c = x_norm - self.b_dec
         k_sel = 4 * self.k if self.multi_topk else self.k
         k_sel = min(k_sel, self.num_latents)
-        dead_rows = None
+        fused = not x.requires_grad  # one hand-written backward (kernels.TopKTrainStep)
+        dead_rows = aux_z = aux_v = aux_local = None
         with torch.no_grad():
-            pre = self._dense_pre_acts(x_c)  # the one dense GEMM
-            top_v, top_i = pre.topk(k_sel, dim=-1, sorted=self.multi_topk)
+            pre, bias = self._encoder_gemm(x_c)  # the one dense GEMM; bias None if already added
+            # Sorted (descending) so that the first k of the 4k Multi-TopK latents are the top k.
+            top_v, top_i = native.topk(pre, k_sel, bias=bias)
             if dead_mask is not None and self.k_aux > 0:
                 dead_rows = dead_mask.nonzero().squeeze(1)
-                if dead_rows.numel() > 0:
+                n_dead = dead_rows.numel()
+                if n_dead > 0:
+                    k_aux = min(self.k_aux, n_dead)
                     if self.auxk_bf16:
                         # A bf16 GEMM over the dead rows is ~5x cheaper on CPU than gathering
                         # their columns from the fp32 result; AuxK is in bf16 throughout then.
-                        pre_dead = torch.addmm(
+                        src = torch.addmm(
                             self.b_enc[dead_rows].bfloat16(), x_c.bfloat16(), self.W_enc[dead_rows].bfloat16().t()
                         ).float()  # CPU top-k is much slower on bf16 than on fp32
+                        cols = None
                     else:
-                        pre_dead = pre.index_select(1, dead_rows)  # [B, n_dead]
-                    aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
-                    aux_v = aux_v.to(self.W_enc.dtype)
+                        src, cols = pre, dead_rows  # the dead latents' columns of the GEMM
+                    src_bias = bias if cols is not None else None
+                    if fused and self._aux_is_dense(k_aux, n_dead):
+                        # Dense [B, n_dead] block of ReLU'd top-k_aux values, built in one pass.
+                        aux_z = native.aux_select(src, cols, k_aux, dense=True, bias=src_bias)[0]
+                    else:
+                        _, aux_v, aux_local = native.aux_select(src, cols, k_aux, dense=False, bias=src_bias)
+                        aux_v = aux_v.to(self.W_enc.dtype)
+                    del src
             del pre
             # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
             top_v = top_v.to(self.W_enc.dtype)
@@ -211,13 +222,11 @@ class TopKSAE(nn.Module):
         has_dead = dead_rows is not None and dead_rows.numel() > 0
         denom = losses.total_variance(x_norm)
         zero = denom.new_zeros(())
-        if not x.requires_grad:
-            # Fast path: one fused backward for all weight gradients (kernels.TopKTrainStep).
-            aux_dense = has_dead and self._aux_is_dense(aux_v.shape[1], dead_rows.numel())
+        if fused:
             recon_k, recon_all, aux_hat = kernels.TopKTrainStep.apply(
                 self.W_enc, self.b_enc, self.W_dec, self.b_dec, x_c.detach(), top_i, top_v, self.k,
-                self.multi_topk, dead_rows if has_dead else None, aux_local if has_dead else None,
-                aux_v if has_dead else None, aux_dense, torch.bfloat16 if self.auxk_bf16 else None,
+                self.multi_topk, dead_rows if has_dead else None, aux_local, aux_v, aux_z,
+                torch.bfloat16 if self.auxk_bf16 else None,
             )
             values = top_v.relu()
         else:
@@ -254,6 +263,22 @@ class TopKSAE(nn.Module):
             buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
         return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=buf)
 
+    def _encoder_gemm(self, x_c: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(pre, bias): the encoder GEMM for the training step's selections.
+
+        With the native CPU kernels the bias is left out of the [B, n] result (``bias`` =
+        b_enc, added by the selection kernels on the fly), which saves a broadcast pass over
+        the whole output; otherwise pre = W_enc x_c + b_enc and ``bias`` is None.
+        """
+        if (x_c.device.type != "cpu" or x_c.dtype != torch.float32 or self.W_enc.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu") or not native.available()):
+            return self._dense_pre_acts(x_c), None
+        shape = (x_c.shape[0], self.num_latents)
+        buf = getattr(self, "_pre_buffer", None)
+        if buf is None or buf.shape != shape or buf.dtype != x_c.dtype:
+            buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
+        return torch.mm(x_c, self.W_enc.t(), out=buf), self.b_enc.detach()
+
     def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
         """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).
         The input is detached, so AuxK trains only the dead latents' encoder and decoder
@@ -278,9 +303,8 @@ class TopKSAE(nn.Module):
         if dead_mask is not None and self.act.supports_auxk and self.k_aux > 0:
             dead_rows = dead_mask.nonzero().squeeze(1)
             if dead_rows.numel() > 0:
-                with torch.no_grad():
-                    pre_dead = out.pre.index_select(1, dead_rows)  # the activation's own GEMM
-                    aux_v, aux_local = pre_dead.topk(min(self.k_aux, dead_rows.numel()), dim=-1, sorted=False)
+                with torch.no_grad():  # the dead columns of the activation's own GEMM
+                    _, aux_v, aux_local = native.aux_select(out.pre, dead_rows, self.k_aux, dense=False)
                 aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local)
                 auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
         idx = torch.arange(self.num_latents, device=out.z.device).expand_as(out.z)
@@ -302,10 +326,7 @@ class TopKSAE(nn.Module):
         """
         if self.W_dec.grad is None:
             return
-        g, w = self.W_dec.grad, self.W_dec
-        sq = torch.linalg.vecdot(w, w).clamp_min(torch.finfo(w.dtype).eps)
-        parallel = torch.linalg.vecdot(g, w) / sq
-        g.addcmul_(parallel.unsqueeze(1), w, value=-1.0)
+        native.project_rows_(self.W_dec.grad, self.W_dec.detach())
 
     @torch.no_grad()
     def init_from_data(self, sample: Tensor, scale: float | None = None, max_iter: int = 100) -> None:

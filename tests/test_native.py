@@ -1,0 +1,153 @@
+"""The native CPU selection kernels against torch, and the fallback when they cannot be built."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sae_lit import native
+from sae_lit.sae import TopKSAE
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error}")
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n,k", [(7, 64, 1), (33, 1000, 8), (64, 4096, 32), (5, 16384, 128), (3, 200, 25)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_topk_matches_torch(rows, n, k, with_bias):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, n, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    v, i = native.topk(x, k, bias=bias)
+    rv, ri = (x if bias is None else x + bias).topk(k, dim=-1)
+    torch.testing.assert_close(v, rv, rtol=0, atol=0)
+    assert torch.equal(i, ri)
+
+
+@needs_native
+def test_topk_strided_rows_and_special_values():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 700, generator=g)
+    x = base[:, :640]  # rows with a stride larger than their length
+    assert native._rows_ok(x) and x.stride(0) == 700
+    x[1, 5] = float("inf")
+    x[2, 600] = float("-inf")
+    x[3, 17] = float("nan")  # NaN ranks highest, as in torch.topk
+    x[3, 300] = float("nan")
+    v, i = native.topk(x, 8)
+    rv, ri = x.topk(8, dim=-1)
+    torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(i, ri)
+
+
+@needs_native
+def test_topk_with_ties_returns_a_valid_top_set():
+    x = torch.randint(0, 5, (20, 512)).float()  # many ties
+    v, i = native.topk(x, 16)
+    rv, _ = x.topk(16, dim=-1)
+    torch.testing.assert_close(v, rv, rtol=0, atol=0)
+    assert torch.equal(x.gather(1, i), v)
+    assert all(len(set(r.tolist())) == 16 for r in i)  # distinct columns
+
+
+def _aux_reference(pre, cols, k_aux, bias):
+    sub = (pre if bias is None else pre + bias)[:, cols]
+    v, local = sub.topk(k_aux, dim=-1)
+    return torch.zeros_like(sub).scatter_(1, local, v.relu()), v
+
+
+@needs_native
+@pytest.mark.parametrize("shift", [0.0, -2.5, 3.0])  # ~half, few, most pre-activations positive
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_aux_select_matches_topk_of_the_columns(shift, with_bias):
+    g = torch.Generator().manual_seed(1)
+    B, n, n_dead, k_aux = 40, 3000, 300, 64
+    pre = torch.randn(B, n, generator=g) + shift
+    bias = torch.randn(n, generator=g) * 0.1 if with_bias else None
+    cols = torch.randperm(n, generator=g)[:n_dead]
+    z_ref, v_ref = _aux_reference(pre, cols, k_aux, bias)
+    z, v0, l0 = native.aux_select(pre, cols, k_aux, dense=True, bias=bias)
+    assert v0 is None and l0 is None
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+    _, v, local = native.aux_select(pre, cols, k_aux, dense=False, bias=bias)
+    torch.testing.assert_close(v.sort(-1).values, v_ref.sort(-1).values, rtol=0, atol=0)
+    sub = (pre if bias is None else pre + bias)[:, cols]
+    torch.testing.assert_close(sub.gather(1, local), v, rtol=0, atol=0)
+    # Without column ids: all columns of a contiguous block.
+    z2, _, _ = native.aux_select(sub.contiguous(), None, k_aux, dense=True)
+    torch.testing.assert_close(z2, z_ref, rtol=0, atol=0)
+
+
+@needs_native
+def test_aux_select_ties_and_nan_rows():
+    pre = torch.randint(-2, 3, (12, 200)).float()  # ties at the threshold
+    pre[4, 10] = float("nan")
+    cols = torch.arange(0, 200, 2)
+    z, _, _ = native.aux_select(pre, cols, 30, dense=True)
+    _, v, local = native.aux_select(pre, cols, 30, dense=False)
+    sub = pre[:, cols]
+    ref = sub.topk(30, dim=-1).values
+    torch.testing.assert_close(v.sort(-1).values, ref.sort(-1).values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(r.tolist())) == 30 for r in local)
+    assert torch.isnan(z[4]).sum() == 1
+    ok = torch.arange(12) != 4
+    # The dense block keeps exactly the positive part of each row's top-k_aux.
+    torch.testing.assert_close(z[ok].sum(-1), ref[ok].relu().sum(-1), rtol=0, atol=0)
+    assert ((z[ok] > 0).sum(-1) == (ref[ok] > 0).sum(-1)).all()
+
+
+@needs_native
+def test_project_rows_matches_formula():
+    g = torch.Generator().manual_seed(2)
+    grad, w = torch.randn(50, 37, generator=g), torch.randn(50, 37, generator=g)
+    ref = grad - (torch.linalg.vecdot(grad, w) / torch.linalg.vecdot(w, w)).unsqueeze(1) * w
+    out = native.project_rows_(grad.clone(), w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.linalg.vecdot(out, w).abs().max() < 1e-4
+
+
+@needs_native
+@pytest.mark.parametrize("multi_topk,k_aux", [(False, 64), (True, 64), (False, 8)])  # 8: AuxK by gathers
+def test_training_step_same_with_and_without_native(monkeypatch, multi_topk, k_aux):
+    torch.manual_seed(0)
+    x = torch.randn(256, 24) * 2 + 0.5
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::5] = True
+
+    def run():
+        sae = TopKSAE(24, 512, 8, k_aux=k_aux, multi_topk=multi_topk, seed=0)
+        sae.init_from_data(x)
+        out = sae(x, dead_mask=dead)
+        (out.nmse + out.auxk_loss / 32 + out.multi_topk_nmse / 8).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    out_n, grads_n = run()
+    monkeypatch.setattr(native, "_load", lambda: None)
+    out_t, grads_t = run()
+    assert torch.equal(out_n.indices.sort(-1).values, out_t.indices.sort(-1).values)
+    for name in ("nmse", "auxk_loss", "multi_topk_nmse"):
+        torch.testing.assert_close(getattr(out_n, name), getattr(out_t, name), rtol=1e-5, atol=1e-7)
+    for name in grads_n:
+        torch.testing.assert_close(grads_n[name], grads_t[name], rtol=1e-4, atol=1e-6)
+
+
+def test_without_a_compiler_everything_falls_back(tmp_path):
+    code = (
+        "import warnings, torch\n"
+        "from sae_lit import native\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ok = native.available()\n"
+        "assert not ok and 'failed to compile' in native.build_error, native.build_error\n"
+        "assert any('native CPU kernels unavailable' in str(m.message) for m in w)\n"
+        "x = torch.randn(4, 100)\n"
+        "v, i = native.topk(x, 3)\n"
+        "assert torch.equal(v, x.topk(3).values)\n"
+        "print('fallback ok')\n"
+    )
+    env = {**os.environ, "CXX": "false", "SAE_LIT_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback ok" in proc.stdout
