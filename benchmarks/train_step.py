@@ -4,15 +4,19 @@
     python benchmarks/train_step.py --shapes 576,16384,32,4096 --threads 2
     python benchmarks/train_step.py --device cuda --precision bf16-mixed --shapes 768,32768,32,131072
 
-Floor: one dense encoder GEMM + top-k at the same shapes, no grad (PAPER.md, "Kernels") —
-what any TopK SAE must spend per batch. Step: what SAEModule does per optimizer step —
-forward with AuxK on (~10% of latents dead), backward, removal of the gradient parallel to
-decoder rows, gradient clipping, fused Adam, decoder renormalisation, firing counters.
-"naive" is the same step with plain dense autograd (dense [B, n] latents) for reference.
-Prints tokens/s and the ratio step/floor (higher is better, 1.0 is the bound); also the
-step with AuxK's dead-latent GEMMs in bf16 (auxk_bf16=True), and the step against a "plain"
-floor that allocates its [B, n] output afresh each call as a straightforward implementation
-does (on CPU that allocation alone costs ~15% of the GEMM).
+Floor: one dense encoder GEMM (bias included) + torch.topk at the same shapes, no grad
+(PAPER.md, "Kernels") — what any TopK SAE must spend per batch. Step: what SAEModule does
+per optimizer step — forward with AuxK on (~10% of latents dead), backward, removal of the
+gradient parallel to decoder rows, gradient clipping, fused Adam, decoder renormalisation,
+firing counters. "naive" is the same step with plain dense autograd (dense [B, n] latents).
+
+Columns: step/floor (higher is better); the step with AuxK's dead-latent GEMMs in bf16
+(auxk_bf16=True); the step against a "plain" floor that allocates its [B, n] output afresh
+each call as a straightforward implementation does; and the step against a "native" floor
+that selects the way the step does (bias-free GEMM + sae_lit's native top-k on CPU, see
+sae_lit/native.py), i.e. how close the rest of the step comes to its own selection.
+On CPU the process first gets native.keep_freed_memory(), as SAEModule does when it
+trains on CPU (--no-keep-freed-memory to compare).
 """
 from __future__ import annotations
 
@@ -112,9 +116,16 @@ def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int
         with torch.no_grad(), autocast():
             torch.addmm(sae.b_enc, x_n - sae.b_dec, sae.W_enc.t()).topk(k, dim=-1, sorted=False)
 
+    def floor_native():
+        # The step's own selection path: bias-free GEMM + sae_lit's top-k (native on CPU).
+        with torch.no_grad(), autocast():
+            pre, bias = sae._encoder_gemm(x_n - sae.b_dec)
+            native.topk(pre, k, bias=bias)
+
     sae_bf = TopKSAE(d, n, k, seed=0, auxk_bf16=True).to(device)
     sae_bf.init_from_data(x[:4096])
-    fns = {"floor": floor, "floor_plain": floor_plain, "step": make_step(sae, x, dead, autocast),
+    fns = {"floor": floor, "floor_plain": floor_plain, "floor_native": floor_native,
+           "step": make_step(sae, x, dead, autocast),
            "step_bf": make_step(sae_bf, x, dead, autocast)}
     if naive:
         sae2 = TopKSAE(d, n, k, seed=0).to(device)
@@ -123,7 +134,8 @@ def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int
     t = time_interleaved(fns, sync, reps)
     res = {"shape": f"d={d} n={n} k={k} B={B}", "floor_tok_s": B / t["floor"], "step_tok_s": B / t["step"],
            "ratio": t["floor"] / t["step"], "ratio_bf": t["floor"] / t["step_bf"],
-           "ratio_plain": t["floor_plain"] / t["step"]}
+           "ratio_plain": t["floor_plain"] / t["step"], "ratio_native": t["floor_native"] / t["step"],
+           "topk_speedup": t["floor"] / t["floor_native"]}
     if naive:
         res.update(naive_tok_s=B / t["naive"], naive_ratio=t["floor"] / t["naive"])
     return res
@@ -147,7 +159,7 @@ def main() -> None:
     print(f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}"
           f" native_kernels={native.available() if args.device == 'cpu' else 'n/a'}")
     header = (f"{'shape':<32} {'floor tok/s':>12} {'step tok/s':>12} {'step/floor':>10} {'auxk_bf16/floor':>15}"
-              f" {'step/plain floor':>16}")
+              f" {'step/plain floor':>16} {'step/native floor':>17}")
     if not args.no_naive:
         header += f" {'naive tok/s':>12} {'naive/floor':>11}"
     print(header)
@@ -155,7 +167,7 @@ def main() -> None:
         d, n, k, B = (int(v) for v in spec.split(","))
         r = bench(d, n, k, B, args.device, args.precision, args.reps, not args.no_naive)
         line = (f"{r['shape']:<32} {r['floor_tok_s']:>12.0f} {r['step_tok_s']:>12.0f} {r['ratio']:>10.3f}"
-                f" {r['ratio_bf']:>15.3f} {r['ratio_plain']:>16.3f}")
+                f" {r['ratio_bf']:>15.3f} {r['ratio_plain']:>16.3f} {r['ratio_native']:>17.3f}")
         if "naive_ratio" in r:
             line += f" {r['naive_tok_s']:>12.0f} {r['naive_ratio']:>11.3f}"
         print(line, flush=True)
