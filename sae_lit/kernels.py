@@ -225,9 +225,9 @@ class TopKTrainStep(torch.autograd.Function):
         ``aux_v`` [B, k_aux], positions in ``dead_rows`` and pre-activations (gathers)."""
         ctx.set_materialize_grads(False)
         v = top_v.relu()
-        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec) + b_dec
+        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec).add_(b_dec)
         empty = recon_k.new_empty(0)
-        recon_all = gather_sum(top_i, v, W_dec) + b_dec if multi else empty
+        recon_all = gather_sum(top_i, v, W_dec).add_(b_dec) if multi else empty
         aux_hat, z, W_dead = empty, None, None
         aux_dense = dead_rows is not None and aux_z is not None
         if aux_dense:
@@ -288,3 +288,51 @@ class TopKTrainStep(torch.autograd.Function):
                 gW_enc += scatter_outer(idx, g_z, x_c, n)
                 gb_enc.index_add_(0, idx.reshape(-1), g_z.reshape(-1))
         return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None
+
+
+class ReconLosses(torch.autograd.Function):
+    """The training losses of a batch from its reconstructions, with a hand-written backward.
+
+    Returns (nmse, multi_topk_nmse, auxk) with the values of ``losses.nmse`` of recon_k and
+    of recon_all (0 when recon_all is empty) and ``losses.auxk_loss`` of aux_hat against
+    the detached residual x_n - recon_k (0 when aux_hat is empty). ``x_n`` and ``denom``
+    (its total variance) are data. Autograd through the generic formulas spends about ten
+    [B, d] elementwise passes on these; here each error is formed once, reduced with a dot
+    product, and scaled once in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_n, denom, recon_k, recon_all, aux_hat, aux_scale: float):
+        ctx.set_materialize_grads(False)
+        tiny = torch.finfo(denom.dtype).tiny
+        den = denom.clamp_min(tiny)
+        zero = den.new_zeros(())
+        e_k = recon_k - x_n
+        nmse = torch.dot(e_k.reshape(-1), e_k.reshape(-1)) / den
+        e_all = aux_err = c_aux = None
+        multi = auxk = zero
+        if recon_all.numel():
+            e_all = recon_all - x_n
+            multi = torch.dot(e_all.reshape(-1), e_all.reshape(-1)) / den
+        if aux_hat.numel():
+            # residual = x_n - recon_k = -e_k; its total variance is e_k's.
+            den_aux = (e_k.var(0, correction=0).sum() * e_k.shape[0]).clamp_min(tiny)
+            aux_err = aux_hat + e_k  # aux_hat - residual
+            loss = aux_scale * torch.dot(aux_err.reshape(-1), aux_err.reshape(-1)) / den_aux
+            finite = torch.isfinite(loss)  # no host sync: a non-finite loss becomes 0, no gradient
+            auxk = torch.where(finite, loss, zero)
+            c_aux = torch.where(finite, 2 * aux_scale / den_aux, zero)
+        ctx.save_for_backward(e_k, e_all, aux_err, den, c_aux)
+        return nmse, multi, auxk
+
+    @staticmethod
+    def backward(ctx, g_nmse, g_multi, g_aux):
+        e_k, e_all, aux_err, den, c_aux = ctx.saved_tensors
+        g_k = g_all = g_hat = None
+        if g_nmse is not None:
+            g_k = e_k * (2 * g_nmse / den)
+        if g_multi is not None and e_all is not None:
+            g_all = e_all * (2 * g_multi / den)
+        if g_aux is not None and aux_err is not None:
+            g_hat = aux_err * (c_aux * g_aux)
+        return None, None, g_k, g_all, g_hat, None

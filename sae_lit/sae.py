@@ -236,11 +236,17 @@ class TopKSAE(nn.Module):
             recon_all = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec if self.multi_topk else None
             aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local) if has_dead else None
 
-        nmse = losses.nmse(x_norm, recon_k, denom)
-        multi = losses.nmse(x_norm, recon_all, denom) if self.multi_topk else zero
-        auxk = zero
-        if has_dead:
-            auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, dead_rows.numel(), self.k_aux)
+        if fused:
+            aux_scale = min(dead_rows.numel() / self.k_aux, 1.0) if has_dead else 0.0
+            nmse, multi, auxk = kernels.ReconLosses.apply(
+                x_norm, denom, recon_k, recon_all, aux_hat if has_dead else recon_k.new_empty(0), aux_scale
+            )
+        else:
+            nmse = losses.nmse(x_norm, recon_k, denom)
+            multi = losses.nmse(x_norm, recon_all, denom) if self.multi_topk else zero
+            auxk = zero
+            if has_dead:
+                auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, dead_rows.numel(), self.k_aux)
         recon = self.denormalize(recon_k, stats)
         return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero, zero)
 

@@ -68,3 +68,51 @@ def test_subset_encode_gradcheck_and_rows():
     others = torch.ones(W.shape[0], dtype=torch.bool)
     others[rows] = False
     assert W.grad[others].abs().sum() == 0 and b.grad[others].abs().sum() == 0
+
+
+@pytest.mark.parametrize("multi,aux", [(False, False), (True, False), (False, True), (True, True)])
+def test_recon_losses_match_the_loss_formulas_in_value_and_gradient(multi, aux):
+    from sae_lit import losses
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    rk = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ra = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ah = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    denom = losses.total_variance(x)
+    empty = x.new_empty(0)
+
+    def fused(rk, ra, ah):
+        return kernels.ReconLosses.apply(x, denom, rk, ra if multi else empty, ah if aux else empty, 0.25)
+
+    def reference(rk, ra, ah):
+        zero = x.new_zeros(())
+        m = losses.nmse(x, ra, denom) if multi else zero
+        # auxk_loss's scale is min(n_dead / k_aux, 1): 0.25 with 1 dead of k_aux = 4. Its
+        # residual is detached: AuxK never moves the main reconstruction.
+        a = losses.auxk_loss(x - rk.detach(), ah, 1, 4) if aux else zero
+        return losses.nmse(x, rk, denom), m, a
+
+    out, ref = fused(rk, ra, ah), reference(rk, ra, ah)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+    weights = (1.0, 0.3, 0.7)
+    got = torch.autograd.grad(sum(w * o for w, o in zip(weights, out)), (rk, ra, ah), allow_unused=True)
+    want = torch.autograd.grad(sum(w * r for w, r in zip(weights, ref)), (rk, ra, ah), allow_unused=True)
+    for g_, w_ in zip(got, want):
+        if w_ is None:
+            assert g_ is None or not g_.any()
+        else:
+            torch.testing.assert_close(g_, w_)
+    if not aux:  # without the detached residual the losses are plain functions: gradcheck
+        assert torch.autograd.gradcheck(lambda rk, ra: sum(fused(rk, ra, ah)), (rk, ra))
+
+
+def test_recon_losses_zero_a_non_finite_auxk_without_nan_gradients_elsewhere():
+    x = torch.randn(6, 4)
+    rk = torch.randn(6, 4, requires_grad=True)
+    ah = torch.full((6, 4), float("inf"), requires_grad=True)
+    nmse, _, a = kernels.ReconLosses.apply(x, x.var(0, correction=0).sum() * 6, rk, x.new_empty(0), ah, 1.0)
+    assert a.item() == 0.0
+    (nmse + a).backward()
+    assert torch.isfinite(rk.grad).all()
