@@ -25,8 +25,18 @@ from torch import Tensor
 # The CSR path below is exercised against a dense reference in tests/test_kernels.py.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-# Tokens per chunk when a [chunk, k, d] intermediate is materialised; keeps it in cache.
+# Tokens per chunk when a [chunk, k, d] intermediate is materialised: on CPU small enough
+# to stay in cache (256 tokens at k = 32); on GPUs large, since each chunk costs a few
+# kernel launches and B is ~100k tokens there (a 256-token chunk would mean ~500 rounds of
+# launches per call, several times the encoder GEMM).
 _CHUNK = 256
+_GPU_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_tokens(k: int, d: int, t: Tensor) -> int:
+    if t.device.type == "cpu":
+        return max(1, (_CHUNK * 32) // max(k, 1))
+    return max(1, _GPU_CHUNK_BYTES // max(1, k * d * t.element_size()))
 
 
 def _bucket_order(flat: Tensor, num_rows: int) -> Tensor:
@@ -76,7 +86,7 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
         out = torch.empty(num_rows, d, dtype=x.dtype)
         return torch.addmm(out, g, x, beta=0.0, out=out)
     out = torch.zeros(num_rows, d, dtype=x.dtype, device=x.device)
-    chunk = max(1, (_CHUNK * 32) // max(k, 1))
+    chunk = _chunk_tokens(k, d, x)
     for s in range(0, B, chunk):
         w = weights[s : s + chunk]
         outer = (w.unsqueeze(-1) * x[s : s + chunk].unsqueeze(1)).reshape(-1, d)
@@ -101,7 +111,7 @@ def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor:
         vals = torch.sparse.sampled_addmm(pattern, y, rows.t(), beta=0.0).values().view(B, k)
         return torch.empty_like(vals).scatter_(1, perm, vals)
     out = torch.empty(B, k, dtype=y.dtype, device=y.device)
-    chunk = max(1, (_CHUNK * 32) // max(k, 1))
+    chunk = _chunk_tokens(k, y.shape[1], y)
     for s in range(0, B, chunk):
         r = rows[indices[s : s + chunk]].to(y.dtype)  # [c, k, d]
         out[s : s + chunk] = torch.bmm(r, y[s : s + chunk].unsqueeze(-1)).squeeze(-1)

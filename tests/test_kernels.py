@@ -116,3 +116,21 @@ def test_recon_losses_zero_a_non_finite_auxk_without_nan_gradients_elsewhere():
     assert a.item() == 0.0
     (nmse + a).backward()
     assert torch.isfinite(rk.grad).all()
+
+
+def test_chunked_paths_match_dense_across_chunk_boundaries(monkeypatch):
+    # bf16 takes the chunked gather / index_add path on CPU (the CUDA path's code); a small
+    # chunk makes the 600 tokens span several chunks, the last one partial.
+    monkeypatch.setattr(kernels, "_CHUNK", 8)
+    g = torch.Generator().manual_seed(4)
+    B, n, d, k = 600, 300, 16, 32
+    x = torch.randn(B, d, generator=g).bfloat16()
+    W = torch.randn(n, d, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
+    w = torch.randn(B, k, generator=g).bfloat16()
+    assert kernels._chunk_tokens(k, d, x) < B
+    G = torch.zeros(B, n).scatter_(1, idx, w.float())
+    torch.testing.assert_close(kernels.scatter_outer(idx, w, x, n).float(), G.t() @ x.float(), rtol=2e-2, atol=0.3)
+    torch.testing.assert_close(
+        kernels.gather_dot(idx, W, x).float(), (W.float()[idx] * x.float().unsqueeze(1)).sum(-1), rtol=2e-2, atol=0.1
+    )
