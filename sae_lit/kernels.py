@@ -326,7 +326,9 @@ class ReconLosses(torch.autograd.Function):
             multi = torch.dot(e_all.reshape(-1), e_all.reshape(-1)) / den
         if aux_hat.numel():
             # residual = x_n - recon_k = -e_k; its total variance is e_k's.
-            den_aux = (e_k.var(0, correction=0).sum() * e_k.shape[0]).clamp_min(tiny)
+            c = e_k - e_k.mean(0)
+            den_aux = torch.dot(c.reshape(-1), c.reshape(-1)).clamp_min(tiny)
+            del c
             aux_err = aux_hat + e_k  # aux_hat - residual
             loss = aux_scale * torch.dot(aux_err.reshape(-1), aux_err.reshape(-1)) / den_aux
             finite = torch.isfinite(loss)  # no host sync: a non-finite loss becomes 0, no gradient
