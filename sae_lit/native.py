@@ -53,7 +53,9 @@ def _cache_dir() -> Path:
 
 def _compile(cxx: str, out: Path) -> None:
     base = ["-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-fopenmp-simd"]
-    tmp = Path(tempfile.mkstemp(suffix=".so", dir=out.parent)[1])
+    fd, name = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         errors = []
         # -march=native vectorises the scan for this CPU; some toolchains lack it.
