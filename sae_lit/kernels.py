@@ -242,8 +242,11 @@ class TopKTrainStep(torch.autograd.Function):
         aux_dense = dead_rows is not None and aux_z is not None
         if aux_dense:
             # aux_dtype (e.g. bf16) runs AuxK's four [B, n_dead] GEMMs in lower precision
-            # with fp32 accumulation, as autocast would; the main loss is unaffected.
-            dt = aux_dtype or aux_z.dtype
+            # with fp32 accumulation; the main loss is unaffected. Under autocast they run in
+            # its dtype, backward included (autocast itself would leave this hand-written
+            # backward in fp32: 3 of the 4 GEMMs, several times the encoder GEMM on a GPU).
+            dev = aux_z.device.type
+            dt = aux_dtype or (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else aux_z.dtype)
             z = aux_z.to(dt)
             W_dead = W_dec[dead_rows].to(dt)
             aux_hat = (z @ W_dead).to(W_dec.dtype)

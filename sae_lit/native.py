@@ -12,6 +12,7 @@ Environment:
     SAE_LIT_NATIVE=0      never build or use the native kernels
     SAE_LIT_CACHE=DIR     where the compiled library goes (default ~/.cache/sae_lit)
     CXX=...               the compiler (default: g++, c++ or clang++ on PATH)
+    SAE_LIT_NATIVE_FLAGS  target flags (default -march=native; e.g. "-mavx2 -mfma")
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 _SRC = Path(__file__).parent / "csrc" / "select.cpp"
-_ABI = 2
+_ABI = 3
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -51,6 +52,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SAE_LIT_CACHE") or Path.home() / ".cache" / "sae_lit")
 
 
+def _arch_flags() -> list[str]:
+    return os.environ.get("SAE_LIT_NATIVE_FLAGS", "-march=native").split()
+
+
 def _compile(cxx: str, out: Path) -> None:
     base = ["-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-fopenmp-simd"]
     fd, name = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -58,8 +63,8 @@ def _compile(cxx: str, out: Path) -> None:
     tmp = Path(name)
     try:
         errors = []
-        # -march=native vectorises the scan for this CPU; some toolchains lack it.
-        for extra in (["-march=native"], []):
+        # -march=native vectorises the scans for this CPU; some toolchains lack it.
+        for extra in (_arch_flags(), []):
             proc = subprocess.run([cxx, *base, *extra, "-o", str(tmp), str(_SRC)], capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: concurrent ranks may build at once
@@ -86,7 +91,8 @@ def _load() -> ctypes.CDLL | None:
             build_error = "no C++ compiler on PATH (set CXX)"
             warnings.warn(f"sae_lit: native CPU kernels unavailable ({build_error}); using torch.topk, which is slower")
             return None
-        key = hashlib.sha256(_SRC.read_bytes() + cxx.encode() + _cpu_identity().encode()).hexdigest()[:16]
+        ident = "\n".join([cxx, *_arch_flags(), _cpu_identity()])
+        key = hashlib.sha256(_SRC.read_bytes() + ident.encode()).hexdigest()[:16]
         path = _cache_dir() / f"select-{key}.so"
         try:
             if not path.exists():
@@ -100,10 +106,12 @@ def _load() -> ctypes.CDLL | None:
             warnings.warn(f"sae_lit: native CPU kernels unavailable, using torch ops instead: {e}")
             return None
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.topk_f32.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, cint]
-        lib.topk_f32.restype = None
-        lib.aux_select_f32.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, cint]
-        lib.aux_select_f32.restype = None
+        for fn in (lib.topk_f32, lib.topk_bf16):
+            fn.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, cint]
+            fn.restype = None
+        for fn in (lib.aux_select_f32, lib.aux_select_bf16):
+            fn.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, cint]
+            fn.restype = None
         lib.project_rows_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, cint]
         lib.project_rows_f32.restype = None
         _lib = lib
@@ -117,9 +125,13 @@ def available() -> bool:
 
 def _rows_ok(x: Tensor) -> bool:
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.stride(1) == 1
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+
+
+def _fn(lib: ctypes.CDLL, name: str, x: Tensor):
+    return getattr(lib, f"{name}_{'f32' if x.dtype == torch.float32 else 'bf16'}")
 
 
 def _bias_ok(bias: Tensor | None, n: int) -> bool:
@@ -136,17 +148,18 @@ def topk(x: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]
     """(values, indices) of the k largest entries of each row of ``x + bias``, sorted descending.
 
     Same contract as ``(x + bias).topk(k, dim=-1)`` (NaN ranks highest; ties may pick a
-    different column). Native for float32 CPU rows when k is small against the row; torch
-    otherwise.
+    different column). Native for float32 and bfloat16 CPU rows when k is small against the
+    row (values then in float32: a bf16 row plus a float32 bias is not rounded back to
+    bf16); torch otherwise. ``bias`` is float32.
     """
     rows, n = x.shape[0], x.shape[-1]
     lib = _load() if x.dim() == 2 and 0 < k and k * 8 <= n else None
     if lib is None or not _rows_ok(x) or not _bias_ok(bias, n):
         return (x if bias is None else x + bias).topk(k, dim=-1)
-    values = torch.empty(rows, k, dtype=x.dtype)
+    values = torch.empty(rows, k, dtype=torch.float32)
     indices = torch.empty(rows, k, dtype=torch.int64)
-    lib.topk_f32(x.data_ptr(), _ptr(bias), rows, n, x.stride(0), k, values.data_ptr(), indices.data_ptr(),
-                 torch.get_num_threads())
+    _fn(lib, "topk", x)(x.data_ptr(), _ptr(bias), rows, n, x.stride(0), k, values.data_ptr(), indices.data_ptr(),
+                        torch.get_num_threads())
     return values, indices
 
 
@@ -156,7 +169,8 @@ def aux_select(pre: Tensor, cols: Tensor | None, k_aux: int, *, dense: bool, bia
 
     Returns (z, values, local): with ``dense`` the [B, n_cols] block holding ReLU of each
     row's top-k_aux entries (zero elsewhere) and values = local = None; otherwise
-    values [B, k_aux] and their positions ``local`` in ``cols``, and z = None.
+    values [B, k_aux] and their positions ``local`` in ``cols``, and z = None. Native for
+    float32 and bfloat16 CPU rows (z and values then in float32); ``bias`` is float32.
     """
     n_cols = pre.shape[1] if cols is None else cols.numel()
     k_aux = min(k_aux, n_cols)
@@ -175,13 +189,14 @@ def aux_select(pre: Tensor, cols: Tensor | None, k_aux: int, *, dense: bool, bia
     cols_c = None if cols is None else cols.to(torch.int64).contiguous()
     args = (pre.data_ptr(), _ptr(bias), B, pre.stride(0), _ptr(cols_c), n_cols, k_aux)
     nt = torch.get_num_threads()
+    fn = _fn(lib, "aux_select", pre)
     if dense:
-        z = torch.empty(B, n_cols, dtype=pre.dtype)
-        lib.aux_select_f32(*args, z.data_ptr(), None, None, nt)
+        z = torch.empty(B, n_cols, dtype=torch.float32)
+        fn(*args, z.data_ptr(), None, None, nt)
         return z, None, None
-    v = torch.empty(B, k_aux, dtype=pre.dtype)
+    v = torch.empty(B, k_aux, dtype=torch.float32)
     local = torch.empty(B, k_aux, dtype=torch.int64)
-    lib.aux_select_f32(*args, None, v.data_ptr(), local.data_ptr(), nt)
+    fn(*args, None, v.data_ptr(), local.data_ptr(), nt)
     return None, v, local
 
 

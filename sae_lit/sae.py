@@ -276,14 +276,23 @@ class TopKSAE(nn.Module):
         b_enc, added by the selection kernels on the fly), which saves a broadcast pass over
         the whole output; otherwise pre = W_enc x_c + b_enc and ``bias`` is None.
         """
-        if (x_c.device.type != "cpu" or x_c.dtype != torch.float32 or self.W_enc.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu") or not native.available()):
+        if x_c.device.type != "cpu" or self.W_enc.dtype != torch.float32 or not native.available():
+            return self._dense_pre_acts(x_c), None
+        if torch.is_autocast_enabled("cpu"):
+            if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+                return self._dense_pre_acts(x_c), None
+            dt = torch.bfloat16  # what autocast would run the GEMM in (AMX on recent Xeons)
+        elif x_c.dtype == torch.float32:
+            dt = torch.float32
+        else:
             return self._dense_pre_acts(x_c), None
         shape = (x_c.shape[0], self.num_latents)
         buf = getattr(self, "_pre_buffer", None)
-        if buf is None or buf.shape != shape or buf.dtype != x_c.dtype:
-            buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
-        return torch.mm(x_c, self.W_enc.t(), out=buf), self.b_enc.detach()
+        if buf is None or buf.shape != shape or buf.dtype != dt:
+            buf = self._pre_buffer = torch.empty(shape, dtype=dt)
+        with torch.autocast("cpu", enabled=False):  # autocast refuses out=; cast by hand instead
+            torch.mm(x_c.detach().to(dt), self.W_enc.detach().to(dt).t(), out=buf)
+        return buf, self.b_enc.detach()
 
     def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
         """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).

@@ -151,3 +151,69 @@ def test_without_a_compiler_everything_falls_back(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "fallback ok" in proc.stdout
+
+
+@needs_native
+def test_bf16_rows_select_like_float32_rows():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 2000, generator=g).bfloat16()
+    bias = torch.randn(2000, generator=g) * 0.01
+    v, i = native.topk(x, 16, bias=bias)
+    assert v.dtype == torch.float32
+    rv, ri = native.topk(x.float(), 16, bias=bias)
+    torch.testing.assert_close(v, rv, rtol=0, atol=0)
+    assert torch.equal(i, ri)
+    cols = torch.randperm(2000, generator=g)[:300]
+    for dense in (True, False):
+        got, want = native.aux_select(x, cols, 40, dense=dense, bias=bias), native.aux_select(
+            x.float(), cols, 40, dense=dense, bias=bias)
+        for a, b in zip(got, want):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+_VARIANT_CHECK = """
+import torch
+from sae_lit import native
+assert native.available(), native.build_error
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    for rows, n, k in ((9, 1000, 7), (4, 4096, 32), (3, 130, 16)):
+        x = torch.randn(rows, n, generator=g).to(dt)
+        bias = torch.randn(n, generator=g)
+        x[0, 3] = float("nan")
+        v, i = native.topk(x, k, bias=bias)
+        rv, ri = (x.float() + bias).topk(k, dim=-1)
+        torch.testing.assert_close(v, rv, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(i, ri)
+    pre = torch.randn(50, 900, generator=g).to(dt)
+    cols = torch.randperm(900, generator=g)[:200]
+    sub = pre.float()[:, cols]
+    tv, tl = sub.topk(40, dim=-1)
+    z, _, _ = native.aux_select(pre, cols, 40, dense=True)
+    ref = torch.zeros_like(sub).scatter_(1, tl, tv.relu())
+    # bf16 rows have ties at the threshold; which tied column is kept may differ.
+    torch.testing.assert_close(z.sort(-1).values, ref.sort(-1).values, rtol=0, atol=0)
+    assert ((z == 0) | (z == sub)).all()
+    _, v, l = native.aux_select(pre, cols, 40, dense=False)
+    torch.testing.assert_close(v.sort(-1).values, tv.sort(-1).values, rtol=0, atol=0)
+    torch.testing.assert_close(sub.gather(1, l), v, rtol=0, atol=0)
+gr, w = torch.randn(20, 33, generator=g), torch.randn(20, 33, generator=g)
+out = native.project_rows_(gr.clone(), w)
+torch.testing.assert_close(out, gr - (torch.linalg.vecdot(gr, w) / torch.linalg.vecdot(w, w)).unsqueeze(1) * w)
+print("variant ok")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("flags", ["-march=native -mno-avx512f", "-march=native -mno-avx512f -mno-avx2", "-O0"],
+                         ids=["avx2", "scalar", "generic"])
+def test_other_instruction_sets_give_the_same_results(tmp_path, flags):
+    # The CI or a user's machine may lack AVX-512 (AVX2 path) or be ARM (scalar path).
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64") and "avx" in flags:
+        pytest.skip("x86 flags")
+    env = {**os.environ, "SAE_LIT_NATIVE_FLAGS": flags, "SAE_LIT_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "variant ok" in proc.stdout

@@ -34,14 +34,40 @@
 
 namespace {
 
+// Inputs are float32 or bfloat16 (stored as uint16_t: the high half of a float32).
+using bf16 = uint16_t;
+
+inline float ld(const float* p, int64_t j) { return p[j]; }
+inline float ld(const bf16* p, int64_t j) {
+  const uint32_t u = static_cast<uint32_t>(p[j]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__)
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(__AVX2__)
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // Bit t set where !(x[t] + b[t] <= thr), i.e. above the threshold or NaN, for 64
 // consecutive values (b may be nullptr: no bias).
-inline uint64_t above_mask64(const float* x, const float* b, float thr) {
+template <class T>
+inline uint64_t above_mask64(const T* x, const float* b, float thr) {
 #if defined(__AVX512F__)
   const __m512 t = _mm512_set1_ps(thr);
   uint64_t m = 0;
   for (int q = 0; q < 4; ++q) {
-    __m512 v = _mm512_loadu_ps(x + 16 * q);
+    __m512 v = ld16(x + 16 * q);
     if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + 16 * q));
     m |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, t, _CMP_NLE_UQ)) << (16 * q);
   }
@@ -50,14 +76,14 @@ inline uint64_t above_mask64(const float* x, const float* b, float thr) {
   const __m256 t = _mm256_set1_ps(thr);
   uint64_t m = 0;
   for (int q = 0; q < 8; ++q) {
-    __m256 v = _mm256_loadu_ps(x + 8 * q);
+    __m256 v = ld8(x + 8 * q);
     if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + 8 * q));
     m |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_NLE_UQ))) << (8 * q);
   }
   return m;
 #else
   uint64_t m = 0;
-  for (int q = 0; q < 64; ++q) m |= static_cast<uint64_t>(!(x[q] + (b ? b[q] : 0.0f) <= thr)) << q;
+  for (int q = 0; q < 64; ++q) m |= static_cast<uint64_t>(!(ld(x, q) + (b ? b[q] : 0.0f) <= thr)) << q;
   return m;
 #endif
 }
@@ -97,10 +123,10 @@ inline void sift_down(float* hv, int64_t* hi, int64_t size, int64_t pos) {
 }
 
 // Exact top-k of a row that contains NaN: NaN first (by column), then values descending.
-void topk_row_nan(const float* x, const float* bias, int64_t n, int64_t k, float* ov, int64_t* oi) {
-  std::vector<float> y(x, x + n);
-  if (bias)
-    for (int64_t j = 0; j < n; ++j) y[j] += bias[j];
+template <class T>
+void topk_row_nan(const T* x, const float* bias, int64_t n, int64_t k, float* ov, int64_t* oi) {
+  std::vector<float> y(n);
+  for (int64_t j = 0; j < n; ++j) y[j] = ld(x, j) + (bias ? bias[j] : 0.0f);
   std::vector<int64_t> idx(n);
   for (int64_t j = 0; j < n; ++j) idx[j] = j;
   auto before = [&y](int64_t a, int64_t b) {
@@ -116,10 +142,11 @@ void topk_row_nan(const float* x, const float* bias, int64_t n, int64_t k, float
 }
 
 // Top-k of x + bias (bias may be nullptr), sorted descending.
-void topk_row(const float* x, const float* bias, int64_t n, int64_t k, float* ov, int64_t* oi) {
+template <class T>
+void topk_row(const T* x, const float* bias, int64_t n, int64_t k, float* ov, int64_t* oi) {
   bool has_nan = false;
   for (int64_t j = 0; j < k; ++j) {
-    ov[j] = x[j] + (bias ? bias[j] : 0.0f);
+    ov[j] = ld(x, j) + (bias ? bias[j] : 0.0f);
     oi[j] = j;
     has_nan |= std::isnan(ov[j]);
   }
@@ -133,7 +160,7 @@ void topk_row(const float* x, const float* bias, int64_t n, int64_t k, float* ov
     while (m) {
       const int t = __builtin_ctzll(m);
       m &= m - 1;
-      const float v = x[j + t] + (bias ? bias[j + t] : 0.0f);
+      const float v = ld(x, j + t) + (bias ? bias[j + t] : 0.0f);
       if (v > thr) {
         ov[0] = v;
         oi[0] = j + t;
@@ -145,7 +172,7 @@ void topk_row(const float* x, const float* bias, int64_t n, int64_t k, float* ov
     }
   }
   for (; j < n; ++j) {
-    const float v = x[j] + (bias ? bias[j] : 0.0f);
+    const float v = ld(x, j) + (bias ? bias[j] : 0.0f);
     if (v > thr) {
       ov[0] = v;
       oi[0] = j;
@@ -219,57 +246,33 @@ inline int64_t compact_positives(const float* vals, int64_t n, float* keys) {
 
 }  // namespace
 
-extern "C" {
-
-int sae_lit_abi_version() { return 2; }
-
-// x: [rows, n] with row stride `stride` (elements); bias: [n] added to every row (or nullptr);
-// out_v [rows, k] float, out_i [rows, k] int64.
-void topk_f32(const float* x, const float* bias, int64_t rows, int64_t n, int64_t stride, int64_t k, float* out_v,
-              int64_t* out_i, int nthreads) {
+template <class T>
+void topk_rows(const T* x, const float* bias, int64_t rows, int64_t n, int64_t stride, int64_t k, float* out_v,
+               int64_t* out_i, int nthreads) {
   parallel_rows(rows, nthreads, [=](int64_t s, int64_t e) {
     for (int64_t r = s; r < e; ++r) topk_row(x + r * stride, bias, n, k, out_v + r * k, out_i + r * k);
-  });
-}
-
-// g[r] -= (<g[r], w[r]> / max(<w[r], w[r]>, eps)) w[r] for every row: the decoder-gradient
-// projection in one pass over g and w.
-void project_rows_f32(float* g, const float* w, int64_t rows, int64_t d, float eps, int nthreads) {
-  parallel_rows(rows, nthreads, [=](int64_t s, int64_t e) {
-    for (int64_t r = s; r < e; ++r) {
-      float* gr = g + r * d;
-      const float* wr = w + r * d;
-      float gw = 0.0f, ww = 0.0f;
-#pragma omp simd reduction(+ : gw, ww)
-      for (int64_t j = 0; j < d; ++j) {
-        gw += gr[j] * wr[j];
-        ww += wr[j] * wr[j];
-      }
-      const float c = gw / (ww > eps ? ww : eps);
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) gr[j] -= c * wr[j];
-    }
   });
 }
 
 // pre: [rows, n] with row stride `stride`; cols: n_cols column ids (nullptr: columns 0..n_cols-1);
 // bias: [n] added to pre's columns (or nullptr).
 // z: dense [rows, n_cols] output (may be nullptr); out_v / out_local: [rows, k_aux] (may be nullptr).
-void aux_select_f32(const float* pre, const float* bias, int64_t rows, int64_t stride, const int64_t* cols,
-                    int64_t n_cols, int64_t k_aux, float* z, float* out_v, int64_t* out_local, int nthreads) {
+template <class T>
+void aux_select(const T* pre, const float* bias, int64_t rows, int64_t stride, const int64_t* cols,
+                int64_t n_cols, int64_t k_aux, float* z, float* out_v, int64_t* out_local, int nthreads) {
   parallel_rows(rows, nthreads, [=](int64_t s, int64_t e) {
     std::vector<float> vals(n_cols), keys(n_cols + 16);
     for (int64_t r = s; r < e; ++r) {
-      const float* row = pre + r * stride;
+      const T* row = pre + r * stride;
       if (cols) {
         if (bias)
-          for (int64_t j = 0; j < n_cols; ++j) vals[j] = row[cols[j]] + bias[cols[j]];
+          for (int64_t j = 0; j < n_cols; ++j) vals[j] = ld(row, cols[j]) + bias[cols[j]];
         else
-          for (int64_t j = 0; j < n_cols; ++j) vals[j] = row[cols[j]];
+          for (int64_t j = 0; j < n_cols; ++j) vals[j] = ld(row, cols[j]);
       } else if (bias) {
-        for (int64_t j = 0; j < n_cols; ++j) vals[j] = row[j] + bias[j];
+        for (int64_t j = 0; j < n_cols; ++j) vals[j] = ld(row, j) + bias[j];
       } else {
-        std::memcpy(vals.data(), row, n_cols * sizeof(float));
+        for (int64_t j = 0; j < n_cols; ++j) vals[j] = ld(row, j);
       }
       const float* v = vals.data();
       float* zr = z ? z + r * n_cols : nullptr;
@@ -306,6 +309,55 @@ void aux_select_f32(const float* pre, const float* bias, int64_t rows, int64_t s
           }
         }
       }
+    }
+  });
+}
+
+extern "C" {
+
+int sae_lit_abi_version() { return 3; }
+
+// x: [rows, n] (float32 or bf16) with row stride `stride` (elements); bias: [n] float32
+// added to every row (or nullptr); out_v [rows, k] float32, out_i [rows, k] int64.
+void topk_f32(const float* x, const float* bias, int64_t rows, int64_t n, int64_t stride, int64_t k, float* out_v,
+              int64_t* out_i, int nthreads) {
+  topk_rows(x, bias, rows, n, stride, k, out_v, out_i, nthreads);
+}
+void topk_bf16(const bf16* x, const float* bias, int64_t rows, int64_t n, int64_t stride, int64_t k, float* out_v,
+               int64_t* out_i, int nthreads) {
+  topk_rows(x, bias, rows, n, stride, k, out_v, out_i, nthreads);
+}
+
+// pre: [rows, n] (float32 or bf16) with row stride `stride`; cols: n_cols column ids
+// (nullptr: columns 0..n_cols-1); bias: [n] float32 added to pre's columns (or nullptr).
+// z: dense [rows, n_cols] float32 output (may be nullptr); out_v / out_local: [rows, k_aux]
+// float32 / int64 (may be nullptr).
+void aux_select_f32(const float* pre, const float* bias, int64_t rows, int64_t stride, const int64_t* cols,
+                    int64_t n_cols, int64_t k_aux, float* z, float* out_v, int64_t* out_local, int nthreads) {
+  aux_select(pre, bias, rows, stride, cols, n_cols, k_aux, z, out_v, out_local, nthreads);
+}
+void aux_select_bf16(const bf16* pre, const float* bias, int64_t rows, int64_t stride, const int64_t* cols,
+                     int64_t n_cols, int64_t k_aux, float* z, float* out_v, int64_t* out_local, int nthreads) {
+  aux_select(pre, bias, rows, stride, cols, n_cols, k_aux, z, out_v, out_local, nthreads);
+}
+
+
+// g[r] -= (<g[r], w[r]> / max(<w[r], w[r]>, eps)) w[r] for every row: the decoder-gradient
+// projection in one pass over g and w.
+void project_rows_f32(float* g, const float* w, int64_t rows, int64_t d, float eps, int nthreads) {
+  parallel_rows(rows, nthreads, [=](int64_t s, int64_t e) {
+    for (int64_t r = s; r < e; ++r) {
+      float* gr = g + r * d;
+      const float* wr = w + r * d;
+      float gw = 0.0f, ww = 0.0f;
+#pragma omp simd reduction(+ : gw, ww)
+      for (int64_t j = 0; j < d; ++j) {
+        gw += gr[j] * wr[j];
+        ww += wr[j] * wr[j];
+      }
+      const float c = gw / (ww > eps ? ww : eps);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) gr[j] -= c * wr[j];
     }
   });
 }
