@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_lit import native
+
 # The CSR path below is exercised against a dense reference in tests/test_kernels.py.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -97,6 +99,9 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
 def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     """[B, k]: <rows[indices[b, j]], y[b]> — k dot products per token."""
     B, k = indices.shape
+    out = native.gather_dot(indices, rows, y)  # float32 CPU: one pass over the selected rows
+    if out is not None:
+        return out
     if y.device.type == "cpu" and y.dtype == rows.dtype and y.dtype in (torch.float32, torch.float64):
         # Sampled dense-dense matmul on the selection pattern (CSR rows need sorted columns).
         # numpy's row sort is ~25x faster than torch's for short rows on CPU.

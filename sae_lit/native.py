@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 _SRC = Path(__file__).parent / "csrc" / "select.cpp"
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -112,6 +112,8 @@ def _load() -> ctypes.CDLL | None:
         for fn in (lib.aux_select_f32, lib.aux_select_bf16):
             fn.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, cint]
             fn.restype = None
+        lib.gather_dot_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, cint]
+        lib.gather_dot_f32.restype = None
         lib.project_rows_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, cint]
         lib.project_rows_f32.restype = None
         _lib = lib
@@ -198,6 +200,25 @@ def aux_select(pre: Tensor, cols: Tensor | None, k_aux: int, *, dense: bool, bia
     local = torch.empty(B, k_aux, dtype=torch.int64)
     fn(*args, None, v.data_ptr(), local.data_ptr(), nt)
     return None, v, local
+
+
+def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor | None:
+    """[B, k]: <rows[indices[b, j]], y[b]>, or None where the native kernel does not apply
+    (it needs float32 CPU tensors; rows and y contiguous)."""
+    if not (indices.device.type == rows.device.type == y.device.type == "cpu"
+            and rows.dtype == y.dtype == torch.float32 and indices.dtype == torch.int64 and indices.dim() == 2
+            and rows.is_contiguous() and y.is_contiguous() and rows.shape[1] == y.shape[1]
+            and not (torch.is_grad_enabled() and (rows.requires_grad or y.requires_grad))):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    idx = indices.contiguous()
+    B, k = idx.shape
+    out = torch.empty(B, k, dtype=torch.float32)
+    lib.gather_dot_f32(idx.data_ptr(), rows.data_ptr(), y.data_ptr(), B, k, y.shape[1], out.data_ptr(),
+                       torch.get_num_threads())
+    return out
 
 
 def project_rows_(g: Tensor, w: Tensor) -> Tensor:

@@ -98,6 +98,16 @@ def test_aux_select_ties_and_nan_rows():
 
 
 @needs_native
+@pytest.mark.parametrize("k", [1, 3, 4, 32, 37])
+def test_gather_dot_matches_reference(k):
+    g = torch.Generator().manual_seed(k)
+    rows, y = torch.randn(500, 70, generator=g), torch.randn(64, 70, generator=g)
+    idx = torch.randint(0, 500, (64, k), generator=g)
+    out = native.gather_dot(idx, rows, y)
+    torch.testing.assert_close(out, (rows[idx] * y.unsqueeze(1)).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_project_rows_matches_formula():
     g = torch.Generator().manual_seed(2)
     grad, w = torch.randn(50, 37, generator=g), torch.randn(50, 37, generator=g)
@@ -198,6 +208,9 @@ for dt in (torch.float32, torch.bfloat16):
     _, v, l = native.aux_select(pre, cols, 40, dense=False)
     torch.testing.assert_close(v.sort(-1).values, tv.sort(-1).values, rtol=0, atol=0)
     torch.testing.assert_close(sub.gather(1, l), v, rtol=0, atol=0)
+rows, y = torch.randn(300, 45, generator=g), torch.randn(40, 45, generator=g)
+idx = torch.randint(0, 300, (40, 7), generator=g)
+torch.testing.assert_close(native.gather_dot(idx, rows, y), (rows[idx] * y.unsqueeze(1)).sum(-1), rtol=1e-5, atol=1e-5)
 gr, w = torch.randn(20, 33, generator=g), torch.randn(20, 33, generator=g)
 out = native.project_rows_(gr.clone(), w)
 torch.testing.assert_close(out, gr - (torch.linalg.vecdot(gr, w) / torch.linalg.vecdot(w, w)).unsqueeze(1) * w)

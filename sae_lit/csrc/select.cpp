@@ -315,7 +315,7 @@ void aux_select(const T* pre, const float* bias, int64_t rows, int64_t stride, c
 
 extern "C" {
 
-int sae_lit_abi_version() { return 3; }
+int sae_lit_abi_version() { return 4; }
 
 // x: [rows, n] (float32 or bf16) with row stride `stride` (elements); bias: [n] float32
 // added to every row (or nullptr); out_v [rows, k] float32, out_i [rows, k] int64.
@@ -341,6 +341,45 @@ void aux_select_bf16(const bf16* pre, const float* bias, int64_t rows, int64_t s
   aux_select(pre, bias, rows, stride, cols, n_cols, k_aux, z, out_v, out_local, nthreads);
 }
 
+
+// out[b, j] = <rows[idx[b, j]], y[b]> for b < B, j < k: the gradient of a k-sparse decode
+// with respect to its values, k dot products per token.
+void gather_dot_f32(const int64_t* idx, const float* rows, const float* y, int64_t B, int64_t k, int64_t d,
+                    float* out, int nthreads) {
+  parallel_rows(B, nthreads, [=](int64_t s, int64_t e) {
+    for (int64_t b = s; b < e; ++b) {
+      const float* yb = y + b * d;
+      const int64_t* ib = idx + b * k;
+      int64_t j = 0;
+      for (; j + 4 <= k; j += 4) {  // four rows at a time: independent FMA chains, y read once
+        const float* r0 = rows + ib[j] * d;
+        const float* r1 = rows + ib[j + 1] * d;
+        const float* r2 = rows + ib[j + 2] * d;
+        const float* r3 = rows + ib[j + 3] * d;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t t = 0; t < d; ++t) {
+          const float yt = yb[t];
+          a0 += r0[t] * yt;
+          a1 += r1[t] * yt;
+          a2 += r2[t] * yt;
+          a3 += r3[t] * yt;
+        }
+        out[b * k + j] = a0;
+        out[b * k + j + 1] = a1;
+        out[b * k + j + 2] = a2;
+        out[b * k + j + 3] = a3;
+      }
+      for (; j < k; ++j) {
+        const float* r = rows + ib[j] * d;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t t = 0; t < d; ++t) acc += r[t] * yb[t];
+        out[b * k + j] = acc;
+      }
+    }
+  });
+}
 
 // g[r] -= (<g[r], w[r]> / max(<w[r], w[r]>, eps)) w[r] for every row: the decoder-gradient
 // projection in one pass over g and w.
