@@ -11,3 +11,7 @@ for precision in bf16-mixed 32; do
   python benchmarks/train_step.py --device cuda --precision "$precision" --no-naive --reps 10 \
     --shapes 768,32768,32,131072 768,32768,32,16384
 done
+# The same with cuSPARSE for the sparse backward instead of chunked gathers / index_add
+# (sae_lit/kernels.py, SAE_LIT_CUDA_SPARSE): which one should be the default on GPUs.
+SAE_LIT_CUDA_SPARSE=csr python benchmarks/train_step.py --device cuda --precision bf16-mixed --no-naive \
+  --reps 10 --shapes 768,32768,32,131072

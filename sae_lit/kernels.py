@@ -15,6 +15,7 @@ selected latents" is a cheap index on the first dimension.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -41,6 +42,17 @@ def _chunk_tokens(k: int, d: int, t: Tensor) -> int:
     return max(1, _GPU_CHUNK_BYTES // max(1, k * d * t.element_size()))
 
 
+def _csr_on(t: Tensor) -> bool:
+    """Whether the CSR (MKL / cuSPARSE) paths serve this tensor. Always on CPU for float32 /
+    float64. On CUDA only with SAE_LIT_CUDA_SPARSE=csr: cuSPARSE SpMM / SDDMM avoid the
+    chunked path's [chunk * k, d] outer products, but are not yet measured against it on a
+    GPU (benchmarks/gpu_check.sh times both)."""
+    if t.device.type == "cpu":
+        return t.dtype in (torch.float32, torch.float64)
+    return (t.device.type == "cuda" and os.environ.get("SAE_LIT_CUDA_SPARSE", "chunked") == "csr"
+            and t.dtype in (torch.float32, torch.float64))
+
+
 def _bucket_order(flat: Tensor, num_rows: int) -> Tensor:
     """A permutation that groups equal ids in [0, num_rows) together (stable).
 
@@ -49,7 +61,7 @@ def _bucket_order(flat: Tensor, num_rows: int) -> Tensor:
     16-bit keys is a radix sort, O(B*k). Ids past 16 bits take two stable passes (low
     half, then high half): least-significant-digit radix sort."""
     if flat.device.type != "cpu":
-        return torch.argsort(flat)
+        return torch.argsort(flat, stable=True)
     ids = flat.numpy()
     if num_rows <= 1 << 16:
         return torch.from_numpy(np.argsort(ids.astype(np.uint16), kind="stable"))
@@ -77,15 +89,15 @@ def scatter_outer(indices: Tensor, weights: Tensor, x: Tensor, num_rows: int) ->
     B, k = indices.shape
     d = x.shape[1]
     weights = weights.to(x.dtype)
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        # CSR spmm (MKL): no [B*k, d] outer products materialised.
+    if _csr_on(x):
+        # CSR spmm (MKL / cuSPARSE): no [B*k, d] outer products materialised.
         crow, cols, order = _csr_pattern(indices, num_rows)
         g = torch.sparse_csr_tensor(
             crow, cols, weights.reshape(-1)[order], size=(num_rows, B), check_invariants=False
         )
         # beta=0 into an uninitialised buffer: `g @ x` would zero-fill and copy a dense
         # [num_rows, d] result first, costing twice the spmm itself.
-        out = torch.empty(num_rows, d, dtype=x.dtype)
+        out = torch.empty(num_rows, d, dtype=x.dtype, device=x.device)
         return torch.addmm(out, g, x, beta=0.0, out=out)
     out = torch.zeros(num_rows, d, dtype=x.dtype, device=x.device)
     chunk = _chunk_tokens(k, d, x)
@@ -102,16 +114,19 @@ def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     out = native.gather_dot(indices, rows, y)  # float32 CPU: one pass over the selected rows
     if out is not None:
         return out
-    if y.device.type == "cpu" and y.dtype == rows.dtype and y.dtype in (torch.float32, torch.float64):
+    if _csr_on(y) and y.dtype == rows.dtype:
         # Sampled dense-dense matmul on the selection pattern (CSR rows need sorted columns).
         # numpy's row sort is ~25x faster than torch's for short rows on CPU.
-        perm_np = np.argsort(indices.numpy(), axis=1)
-        perm = torch.from_numpy(perm_np)
-        sorted_idx = torch.from_numpy(np.take_along_axis(indices.numpy(), perm_np, axis=1))
+        if y.device.type == "cpu":
+            perm_np = np.argsort(indices.numpy(), axis=1)
+            perm = torch.from_numpy(perm_np)
+            sorted_idx = torch.from_numpy(np.take_along_axis(indices.numpy(), perm_np, axis=1))
+        else:
+            sorted_idx, perm = indices.sort(dim=1)
         crow = torch.arange(0, B * k + 1, k, device=y.device)
         pattern = torch.sparse_csr_tensor(
-            crow, sorted_idx.reshape(-1), torch.zeros(B * k, dtype=y.dtype), size=(B, rows.shape[0]),
-            check_invariants=False,
+            crow, sorted_idx.reshape(-1), torch.zeros(B * k, dtype=y.dtype, device=y.device),
+            size=(B, rows.shape[0]), check_invariants=False,
         )
         vals = torch.sparse.sampled_addmm(pattern, y, rows.t(), beta=0.0).values().view(B, k)
         return torch.empty_like(vals).scatter_(1, perm, vals)

@@ -19,8 +19,10 @@ def _step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, autocast: bool):
     return out, {n: p.grad.detach().cpu() for n, p in sae.named_parameters()}
 
 
+@pytest.mark.parametrize("sparse", ["chunked", "csr"])
 @pytest.mark.parametrize("multi_topk,k_aux", [(False, 64), (True, 64), (False, 8)])
-def test_cuda_step_matches_cpu(multi_topk, k_aux, devices=("cpu", "cuda")):
+def test_cuda_step_matches_cpu(multi_topk, k_aux, sparse, monkeypatch, devices=("cpu", "cuda")):
+    monkeypatch.setenv("SAE_LIT_CUDA_SPARSE", sparse)  # kernels.py: the two CUDA sparse paths
     # float64: GEMM rounding differs between devices; in float32 a near-tie at the top-k
     # (or top-k_aux) threshold could select a different latent on each.
     torch.manual_seed(0)
