@@ -199,11 +199,11 @@ class TopKSAE(nn.Module):
                 if n_dead > 0:
                     k_aux = min(self.k_aux, n_dead)
                     if self.auxk_bf16:
-                        # A bf16 GEMM over the dead rows is ~5x cheaper on CPU than gathering
-                        # their columns from the fp32 result; AuxK is in bf16 throughout then.
+                        # A bf16 GEMM over the dead rows (AMX on recent CPUs) costs less than
+                        # gathering their columns from the fp32 result; AuxK is bf16 throughout.
                         src = torch.addmm(
                             self.b_enc[dead_rows].bfloat16(), x_c.bfloat16(), self.W_enc[dead_rows].bfloat16().t()
-                        ).float()  # CPU top-k is much slower on bf16 than on fp32
+                        )
                         cols = None
                     else:
                         src, cols = pre, dead_rows  # the dead latents' columns of the GEMM
