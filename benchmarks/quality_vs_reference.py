@@ -10,7 +10,8 @@ decoder with the parallel gradient removed, geometric-median b_pre, one dataset 
 AuxK (k_aux, 1/32), Adam(0.9, 0.999, eps 6.25e-10), the config's LR schedule, grad
 clipping, and the same seed for the random decoder directions. It reads
 the same training stream (same batches in the same order) through the data module.
-Both SAEs are scored by the same whole-split NMSE on the validation split.
+Both SAEs are scored by the same whole-split NMSE on the validation split, and by the
+fraction of latents that never fire on it (dead latents: AuxK's job).
 """
 from __future__ import annotations
 
@@ -56,11 +57,16 @@ class ReferenceTopK(torch.nn.Module):
         return loss, aux, z
 
     @torch.no_grad()
-    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
-        x = x_raw * self.scale
-        pre = (x - self.b_pre) @ self.W_enc.t() + self.b_enc
+    def encode(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = (x_raw * self.scale - self.b_pre) @ self.W_enc.t() + self.b_enc
         v, i = pre.topk(self.k, dim=-1)
-        return (torch.zeros_like(pre).scatter(1, i, v.relu()) @ self.W_dec + self.b_pre) / self.scale
+        return v.relu(), i
+
+    @torch.no_grad()
+    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
+        v, i = self.encode(x_raw)
+        z = torch.zeros(x_raw.shape[0], self.W_dec.shape[0]).scatter(1, i, v)
+        return (z @ self.W_dec + self.b_pre) / self.scale
 
 
 def weiszfeld(points: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -82,6 +88,16 @@ def val_nmse(recon_fn, dm) -> tuple[float, float]:
         count += x.shape[0]
     nmse = sse / (sum_sq - count * (sum_x / count).pow(2).sum().item())
     return nmse, count
+
+
+@torch.no_grad()
+def val_dead_fraction(encode_fn, dm, n: int) -> float:
+    """Fraction of latents that never fire (value > 0 in the top k) on the validation split."""
+    fired = torch.zeros(n, dtype=torch.bool)
+    for x in dm.val_dataloader():
+        v, i = encode_fn(x.float())
+        fired[i[v > 0]] = True
+    return 1.0 - fired.float().mean().item()
 
 
 def main() -> None:
@@ -140,9 +156,13 @@ def main() -> None:
     nmse_ref, _ = val_nmse(ref.reconstruct, dm)
     print(f"same data: {steps} steps x {dm.batch_size} tokens, n={hp.num_latents}, k={hp.k}, lr={lr:.3g}; "
           f"validation tokens: {int(n_tok)}")
-    print(f"{'':<22} {'val NMSE':>9}")
-    print(f"{'sae_lit (exported)':<22} {nmse_ours:>9.4f}")
-    print(f"{'dense reference':<22} {nmse_ref:>9.4f}   (trained in {ref_time:.0f} s)")
+    dead_ours = val_dead_fraction(ours.encode, dm, hp.num_latents)
+    dead_ref = val_dead_fraction(ref.encode, dm, hp.num_latents)
+    train_dead_ref = (since_fired >= hp.dead_tokens).float().mean().item()
+    print(f"{'':<22} {'val NMSE':>9} {'dead (val)':>11}")
+    print(f"{'sae_lit (exported)':<22} {nmse_ours:>9.4f} {dead_ours:>11.4f}")
+    print(f"{'dense reference':<22} {nmse_ref:>9.4f} {dead_ref:>11.4f}   (trained in {ref_time:.0f} s;"
+          f" dead by the AuxK criterion at the end: {train_dead_ref:.4f})")
     print(f"ratio ours/reference: {nmse_ours / nmse_ref:.3f} (<= 1 means ours is at least as good)")
 
 
