@@ -230,3 +230,12 @@ def test_other_instruction_sets_give_the_same_results(tmp_path, flags):
     proc = subprocess.run([sys.executable, "-c", _VARIANT_CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "variant ok" in proc.stdout
+
+
+def test_keep_freed_memory_can_be_switched_off(monkeypatch):
+    import platform
+    monkeypatch.setenv("SAE_LIT_KEEP_FREED_MEMORY", "0")
+    assert native.keep_freed_memory() is False
+    monkeypatch.delenv("SAE_LIT_KEEP_FREED_MEMORY")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert native.keep_freed_memory() is True
