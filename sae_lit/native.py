@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 _SRC = Path(__file__).parent / "csrc" / "select.cpp"
-_ABI = 4
+_ABI = 5
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

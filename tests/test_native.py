@@ -239,3 +239,43 @@ def test_keep_freed_memory_can_be_switched_off(monkeypatch):
     monkeypatch.delenv("SAE_LIT_KEEP_FREED_MEMORY")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert native.keep_freed_memory() is True
+
+
+_FORK_CHECK = """
+import os, torch
+from sae_lit import native
+assert native.available(), native.build_error
+x = torch.randn(256, 4096)
+want = x.topk(16).values
+assert torch.equal(native.topk(x, 16)[0], want)  # the parent's worker pool now exists
+pid = os.fork()
+if pid == 0:  # the child inherits the pool's state but none of its threads
+    ok = torch.equal(native.topk(x, 16)[0], want)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert torch.equal(native.topk(x, 16)[0], want)
+print("fork ok")
+"""
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_native_kernels_work_in_a_forked_child(tmp_path):
+    # DataLoader workers are forked; a child must not wait on the parent's worker threads.
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fork ok" in proc.stdout
+
+
+@needs_native
+def test_concurrent_calls_from_python_threads_are_correct():
+    from concurrent.futures import ThreadPoolExecutor
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(300, 3000, generator=g) for _ in range(8)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda x: native.topk(x, 12), xs))
+    for x, (v, i) in zip(xs, got):
+        rv, ri = x.topk(12, dim=-1)
+        assert torch.equal(v, rv) and torch.equal(i, ri)

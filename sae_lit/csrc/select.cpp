@@ -1,7 +1,7 @@
 // Row-wise kernels for the CPU training step (see sae_lit/native.py).
 //
 // Plain C ABI over raw pointers, called through ctypes (which releases the GIL); rows are
-// split over std::threads. Built once per machine with the system C++ compiler; when that
+// split over a persistent pool of std::threads. Built once per machine with the system C++ compiler; when that
 // fails sae_lit falls back to torch ops, so nothing here is required to run.
 //
 // topk_f32: per row, the k largest values of x + bias (bias optional: the GEMM that
@@ -19,8 +19,12 @@
 //
 // project_rows_f32: removes from each decoder row's gradient its component along the row,
 //   in one pass (torch's vecdot materialises the [n, d] product first).
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -88,6 +92,71 @@ inline uint64_t above_mask64(const T* x, const float* b, float thr) {
 #endif
 }
 
+// A persistent pool of worker threads: starting threads per call costs ~30 us each, which
+// on a many-core machine would rival the work itself. Created on first use and never
+// destroyed (workers simply end with the process); a forked child, which inherits the
+// pool's state but none of its threads, makes a fresh one. Calls are serialised.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = nullptr;
+    static pid_t owner = 0;
+    static std::mutex m;
+    std::lock_guard<std::mutex> lock(m);
+    if (!pool || owner != getpid()) {
+      pool = new Pool();  // the old one (from before a fork) is abandoned on purpose
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // Runs task(t) for t in [0, n): t = 0 on the calling thread, the rest on workers.
+  void run(int n, const std::function<void(int)>& task) {
+    std::lock_guard<std::mutex> serial(run_mutex_);
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      while (static_cast<int>(workers_.size()) < n - 1) {
+        const int idx = static_cast<int>(workers_.size()) + 1;
+        workers_.emplace_back([this, idx] { loop(idx); });
+      }
+      task_ = &task;
+      active_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    task(0);
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+  }
+
+ private:
+  void loop(int idx) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* task;
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (idx >= active_) continue;
+        task = task_;
+      }
+      (*task)(idx);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mutex_, m_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* task_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+};
+
 template <class F>
 void parallel_rows(int64_t rows, int nthreads, const F& f) {
   if (nthreads > rows) nthreads = static_cast<int>(rows);
@@ -96,13 +165,10 @@ void parallel_rows(int64_t rows, int nthreads, const F& f) {
     return;
   }
   const int64_t chunk = (rows + nthreads - 1) / nthreads;
-  std::vector<std::thread> pool;
-  for (int t = 1; t < nthreads; ++t) {
+  Pool::get().run(nthreads, [&](int t) {
     const int64_t s = t * chunk, e = std::min(rows, s + chunk);
-    if (s < e) pool.emplace_back([&f, s, e] { f(s, e); });
-  }
-  f(0, std::min(rows, chunk));
-  for (auto& th : pool) th.join();
+    if (s < e) f(s, e);
+  });
 }
 
 // Min-heap of (value, index) on parallel arrays; the root holds the smallest kept value.
@@ -315,7 +381,7 @@ void aux_select(const T* pre, const float* bias, int64_t rows, int64_t stride, c
 
 extern "C" {
 
-int sae_lit_abi_version() { return 4; }
+int sae_lit_abi_version() { return 5; }
 
 // x: [rows, n] (float32 or bf16) with row stride `stride` (elements); bias: [n] float32
 // added to every row (or nullptr); out_v [rows, k] float32, out_i [rows, k] int64.
