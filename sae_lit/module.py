@@ -253,6 +253,12 @@ class SAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.export_metadata = checkpoint.get("sae_lit_export_metadata", {})
 
+    def on_validation_epoch_start(self) -> None:
+        self.sae.release_buffers()
+
+    def on_train_end(self) -> None:
+        self.sae.release_buffers()
+
     def on_fit_end(self) -> None:
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
         if not self.trainer.is_global_zero:

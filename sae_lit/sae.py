@@ -269,6 +269,12 @@ class TopKSAE(nn.Module):
             buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
         return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=buf)
 
+    def release_buffers(self) -> None:
+        """Free the reused [B, n] encoder-output buffer of the CPU training step (it comes
+        back on the next training forward); SAEModule calls this around validation and at
+        the end of training so that evaluation does not hold it next to its own."""
+        self.__dict__.pop("_pre_buffer", None)
+
     def _encoder_gemm(self, x_c: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pre, bias): the encoder GEMM for the training step's selections.
 

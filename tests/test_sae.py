@@ -243,3 +243,14 @@ def test_bf16_autocast_step_matches_fp32(multi_topk):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in sae.parameters())
     torch.testing.assert_close(out.nmse, ref.nmse, rtol=0.05, atol=0.01)
+
+
+def test_release_buffers_frees_the_step_buffer_and_training_goes_on():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    sae = TopKSAE(16, 128, 4, seed=0)
+    sae.init_from_data(x)
+    first = sae(x).nmse
+    sae.release_buffers()
+    assert "_pre_buffer" not in sae.__dict__
+    torch.testing.assert_close(sae(x).nmse, first)
