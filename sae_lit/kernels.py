@@ -308,9 +308,8 @@ class TopKTrainStep(torch.autograd.Function):
             if ctx.aux_dense:
                 dt = z.dtype
                 g_aux = g_aux.to(dt)
-                # z >= 0 (ReLU'd), so sign(z) is the 0/1 mask of the kept entries; one
-                # multiply is several times cheaper than building a bool mask and filling.
-                g_z = (g_aux @ W_dead.t()).mul_(z.sign())
+                # z >= 0 (ReLU'd): its zeros are the entries AuxK did not keep (or kept at 0).
+                g_z = native.mask_nonpositive_(g_aux @ W_dead.t(), z)
                 gW_dec.index_add_(0, dead_rows, (z.t() @ g_aux).to(gW_dec.dtype))
                 gW_enc.index_add_(0, dead_rows, (g_z.t() @ x_c.to(dt)).to(gW_enc.dtype))
                 gb_enc.index_add_(0, dead_rows, g_z.sum(0, dtype=gb_enc.dtype))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 _SRC = Path(__file__).parent / "csrc" / "select.cpp"
-_ABI = 5
+_ABI = 6
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -114,6 +114,8 @@ def _load() -> ctypes.CDLL | None:
             fn.restype = None
         lib.gather_dot_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, cint]
         lib.gather_dot_f32.restype = None
+        lib.mask_nonpositive_f32.argtypes = [ptr, ptr, i64, cint]
+        lib.mask_nonpositive_f32.restype = None
         lib.project_rows_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, cint]
         lib.project_rows_f32.restype = None
         _lib = lib
@@ -219,6 +221,17 @@ def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor | None:
     lib.gather_dot_f32(idx.data_ptr(), rows.data_ptr(), y.data_ptr(), B, k, y.shape[1], out.data_ptr(),
                        torch.get_num_threads())
     return out
+
+
+def mask_nonpositive_(g: Tensor, z: Tensor) -> Tensor:
+    """In place: g = 0 where z <= 0 (z a ReLU'd block, so its zeros are the unselected
+    entries), g elsewhere. NaN in z keeps g's entry zeroed."""
+    lib = _load()
+    if (lib is None or g.device.type != "cpu" or g.dtype != torch.float32 or z.dtype != torch.float32
+            or g.shape != z.shape or not g.is_contiguous() or not z.is_contiguous()):
+        return g.mul_(z > 0)
+    lib.mask_nonpositive_f32(g.data_ptr(), z.data_ptr(), g.numel(), torch.get_num_threads())
+    return g
 
 
 def project_rows_(g: Tensor, w: Tensor) -> Tensor:

@@ -279,3 +279,13 @@ def test_concurrent_calls_from_python_threads_are_correct():
     for x, (v, i) in zip(xs, got):
         rv, ri = x.topk(12, dim=-1)
         assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+def test_mask_nonpositive_matches_where():
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(300, 700, generator=g).relu()
+    grad = torch.randn(300, 700, generator=g)
+    want = torch.where(z > 0, grad, torch.zeros_like(grad))
+    torch.testing.assert_close(native.mask_nonpositive_(grad.clone(), z), want, rtol=0, atol=0)
+    torch.testing.assert_close(native.mask_nonpositive_(grad.bfloat16(), z.bfloat16()).float(),
+                               want.bfloat16().float(), rtol=0, atol=0)  # torch path

@@ -381,7 +381,7 @@ void aux_select(const T* pre, const float* bias, int64_t rows, int64_t stride, c
 
 extern "C" {
 
-int sae_lit_abi_version() { return 5; }
+int sae_lit_abi_version() { return 6; }
 
 // x: [rows, n] (float32 or bf16) with row stride `stride` (elements); bias: [n] float32
 // added to every row (or nullptr); out_v [rows, k] float32, out_i [rows, k] int64.
@@ -444,6 +444,18 @@ void gather_dot_f32(const int64_t* idx, const float* rows, const float* y, int64
         out[b * k + j] = acc;
       }
     }
+  });
+}
+
+// g[i] = 0 where z[i] <= 0 (z >= 0 is a ReLU'd block: its zeros are the entries AuxK did not
+// keep), in place over n values; one pass, no mask tensor.
+void mask_nonpositive_f32(float* g, const float* z, int64_t n, int nthreads) {
+  const int64_t block = 1 << 16;
+  const int64_t blocks = (n + block - 1) / block;
+  parallel_rows(blocks, nthreads, [=](int64_t s, int64_t e) {
+    const int64_t lo = s * block, hi = std::min(n, e * block);
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) g[i] = z[i] > 0.0f ? g[i] : 0.0f;
   });
 }
 
