@@ -211,6 +211,8 @@ for dt in (torch.float32, torch.bfloat16):
 rows, y = torch.randn(300, 45, generator=g), torch.randn(40, 45, generator=g)
 idx = torch.randint(0, 300, (40, 7), generator=g)
 torch.testing.assert_close(native.gather_dot(idx, rows, y), (rows[idx] * y.unsqueeze(1)).sum(-1), rtol=1e-5, atol=1e-5)
+zz, gg = torch.randn(70, 90, generator=g).relu(), torch.randn(70, 90, generator=g)
+assert torch.equal(native.mask_nonpositive_(gg.clone(), zz), torch.where(zz > 0, gg, torch.zeros_like(gg)))
 gr, w = torch.randn(20, 33, generator=g), torch.randn(20, 33, generator=g)
 out = native.project_rows_(gr.clone(), w)
 torch.testing.assert_close(out, gr - (torch.linalg.vecdot(gr, w) / torch.linalg.vecdot(w, w)).unsqueeze(1) * w)
