@@ -60,7 +60,7 @@ def make_step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, autocast, naive
                 loss = out_nmse
             else:
                 out = sae(x, dead_mask=dead)
-                loss = out.nmse + out.auxk_loss / 32
+                loss = out.nmse + out.auxk_loss / 32 + out.multi_topk_nmse / 8
                 values, indices = out.values, out.indices
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -87,9 +87,10 @@ def naive_forward(sae: TopKSAE, x: torch.Tensor):
     return nmse, v.relu(), i
 
 
-def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int, naive: bool) -> dict:
+def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int, naive: bool,
+          multi_topk: bool = False) -> dict:
     torch.manual_seed(0)
-    sae = TopKSAE(d, n, k, seed=0).to(device)
+    sae = TopKSAE(d, n, k, seed=0, multi_topk=multi_topk).to(device)
     x = torch.randn(B, d, device=device) * 3 + 1
     sae.init_from_data(x[:4096])
     dead = torch.zeros(n, dtype=torch.bool, device=device)
@@ -122,7 +123,7 @@ def bench(d: int, n: int, k: int, B: int, device: str, precision: str, reps: int
             pre, bias = sae._encoder_gemm(x_n - sae.b_dec)
             native.topk(pre, k, bias=bias)
 
-    sae_bf = TopKSAE(d, n, k, seed=0, auxk_bf16=True).to(device)
+    sae_bf = TopKSAE(d, n, k, seed=0, auxk_bf16=True, multi_topk=multi_topk).to(device)
     sae_bf.init_from_data(x[:4096])
     fns = {"floor": floor, "floor_plain": floor_plain, "floor_native": floor_native,
            "step": make_step(sae, x, dead, autocast),
@@ -149,6 +150,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-naive", action="store_true", help="skip the dense-autograd reference")
+    ap.add_argument("--multi-topk", action="store_true",
+                    help="the step with Multi-TopK (top 4k selected and decoded too); the floor stays GEMM + top-k")
     ap.add_argument("--no-keep-freed-memory", action="store_true",
                     help="leave glibc's allocator as is (SAEModule tunes it on CPU; see native.keep_freed_memory)")
     args = ap.parse_args()
@@ -157,7 +160,7 @@ def main() -> None:
     if args.device == "cpu" and not args.no_keep_freed_memory:
         native.keep_freed_memory()  # as SAEModule does when it trains on CPU
     print(f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}"
-          f" native_kernels={native.available() if args.device == 'cpu' else 'n/a'}")
+          f" native_kernels={native.available() if args.device == 'cpu' else 'n/a'} multi_topk={args.multi_topk}")
     header = (f"{'shape':<32} {'floor tok/s':>12} {'step tok/s':>12} {'step/floor':>10} {'auxk_bf16/floor':>15}"
               f" {'step/plain floor':>16} {'step/native floor':>17}")
     if not args.no_naive:
@@ -165,7 +168,7 @@ def main() -> None:
     print(header)
     for spec in args.shapes:
         d, n, k, B = (int(v) for v in spec.split(","))
-        r = bench(d, n, k, B, args.device, args.precision, args.reps, not args.no_naive)
+        r = bench(d, n, k, B, args.device, args.precision, args.reps, not args.no_naive, args.multi_topk)
         line = (f"{r['shape']:<32} {r['floor_tok_s']:>12.0f} {r['step_tok_s']:>12.0f} {r['ratio']:>10.3f}"
                 f" {r['ratio_bf']:>15.3f} {r['ratio_plain']:>16.3f} {r['ratio_native']:>17.3f}")
         if "naive_ratio" in r:

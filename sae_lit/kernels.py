@@ -257,7 +257,8 @@ class TopKTrainStep(torch.autograd.Function):
         v = top_v.relu()
         recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec).add_(b_dec)
         empty = recon_k.new_empty(0)
-        recon_all = gather_sum(top_i, v, W_dec).add_(b_dec) if multi else empty
+        # Multi-TopK: the 4k-latent reconstruction is the k-latent one plus the other 3k.
+        recon_all = gather_sum(top_i[:, k:].contiguous(), v[:, k:].contiguous(), W_dec).add_(recon_k) if multi else empty
         aux_hat, z, W_dead = empty, None, None
         aux_dense = dead_rows is not None and aux_z is not None
         if aux_dense:
@@ -286,15 +287,18 @@ class TopKTrainStep(torch.autograd.Function):
         g_v = torch.zeros_like(top_v)
         gW_dec = None
         gb_dec = torch.zeros_like(x_c[0])
-        if g_k is not None:
-            g_v[:, :k] += gather_dot(top_i[:, :k], W_dec, g_k)
-            gW_dec = scatter_outer(top_i[:, :k], v[:, :k], g_k, n)
-            gb_dec += g_k.sum(0)
-        if ctx.multi and g_all is not None:
-            g_v += gather_dot(top_i, W_dec, g_all)
-            gW = scatter_outer(top_i, v, g_all, n)
-            gW_dec = gW if gW_dec is None else gW_dec.add_(gW)
-            gb_dec += g_all.sum(0)
+        multi = ctx.multi and g_all is not None
+        # The first k latents decode into both reconstructions: their gradient is that of
+        # g_k + g_all, so each selected latent takes one dot product and one scatter.
+        g_first = g_k if not multi else g_all if g_k is None else g_k + g_all
+        if g_first is not None:
+            g_v[:, :k] = gather_dot(top_i[:, :k], W_dec, g_first)
+            gW_dec = scatter_outer(top_i[:, :k], v[:, :k], g_first, n)
+            gb_dec += g_first.sum(0)
+        if multi and top_i.shape[1] > k:
+            rest_i = top_i[:, k:].contiguous()
+            g_v[:, k:] = gather_dot(rest_i, W_dec, g_all)
+            gW_dec.add_(scatter_outer(rest_i, v[:, k:].contiguous(), g_all, n))
         g_v.masked_fill_(top_v <= 0, 0.0)
         gW_enc = scatter_outer(top_i, g_v, x_c, n)
         gb_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device)

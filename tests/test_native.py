@@ -42,6 +42,33 @@ def test_topk_strided_rows_and_special_values():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_block_path_with_a_tail_and_special_values(dtype):
+    # Rows of >= 2k blocks of 64 take the block-maximum path; 4100 leaves a 4-value tail.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 4100, generator=g)
+    x[0, 4098] = 50.0  # the top value in the tail
+    x[1, 7] = float("inf")
+    x[2, 100] = float("-inf")
+    x[3, 2000] = float("nan")
+    x = x.to(dtype)
+    bias = torch.randn(4100, generator=g) * 0.01
+    v, i = native.topk(x, 16, bias=bias)
+    y = x.float() + bias
+    torch.testing.assert_close(v, y.topk(16, dim=-1).values, rtol=0, atol=0, equal_nan=True)
+    ok = torch.arange(8) != 3
+    assert torch.equal(y.gather(1, i)[ok], v[ok])
+    assert i[0, 0] == 4098 and i[1, 0] == 7 and i[3, 0] == 2000
+    # Ties on the block path: a valid top set of distinct columns, lowest columns first.
+    t = torch.randint(0, 4, (6, 4096), generator=g).to(dtype)
+    tv, ti = native.topk(t, 32)
+    torch.testing.assert_close(tv, t.float().topk(32, dim=-1).values, rtol=0, atol=0)
+    assert torch.equal(t.float().gather(1, ti), tv)
+    assert all(len(set(r.tolist())) == 32 for r in ti)
+    assert all((r == r.sort().values).all() for r in ti)  # all top values tie at 3: columns ascending
+
+
+@needs_native
 def test_topk_with_ties_returns_a_valid_top_set():
     x = torch.randint(0, 5, (20, 512)).float()  # many ties
     v, i = native.topk(x, 16)

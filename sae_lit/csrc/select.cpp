@@ -30,6 +30,7 @@
 #include <functional>
 #include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -312,11 +313,95 @@ inline int64_t compact_positives(const float* vals, int64_t n, float* keys) {
 
 }  // namespace
 
+// Largest of x[j] + b[j] over 64 consecutive values; sets *nan when one of them is NaN.
+template <class T>
+inline float block_max64(const T* x, const float* b, bool* nan) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 un = 0;
+  for (int q = 0; q < 4; ++q) {
+    __m512 v = ld16(x + 16 * q);
+    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + 16 * q));
+    un |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+  }
+  if (un) *nan = true;
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = -std::numeric_limits<float>::infinity();
+  for (int q = 0; q < 64; ++q) {
+    const float v = ld(x, q) + (b ? b[q] : 0.0f);
+    if (std::isnan(v)) *nan = true;
+    m = v > m ? v : m;
+  }
+  return m;
+#endif
+}
+
+// Top-k of x + bias by block maxima: the k-th largest of the per-block maxima is a lower
+// bound on the row's k-th largest value (the k largest maxima are k distinct entries), so
+// only blocks whose maximum reaches it can hold the top k. Two cheap passes instead of a
+// heap update per improving value. Needs at least 2k blocks of 64 (else returns false).
+template <class T>
+bool topk_row_blocks(const T* x, const float* bias, int64_t n, int64_t k, float* ov, int64_t* oi,
+                     std::vector<float>& bm, std::vector<float>& tmp, std::vector<std::pair<float, int64_t>>& cand) {
+  constexpr int64_t W = 64;
+  const int64_t nb = n / W;
+  if (nb < 2 * k) return false;
+  bm.resize(nb + 1);
+  tmp.resize(nb + 1);
+  bool nan = false;
+  for (int64_t blk = 0; blk < nb; ++blk) bm[blk] = block_max64(x + blk * W, bias ? bias + blk * W : nullptr, &nan);
+  int64_t nblocks = nb;
+  if (nb * W < n) {  // the tail as one more (short) block
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = nb * W; j < n; ++j) {
+      const float v = ld(x, j) + (bias ? bias[j] : 0.0f);
+      if (std::isnan(v)) nan = true;
+      m = v > m ? v : m;
+    }
+    bm[nblocks++] = m;
+  }
+  if (nan) {
+    topk_row_nan(x, bias, n, k, ov, oi);
+    return true;
+  }
+  std::copy(bm.begin(), bm.begin() + nblocks, tmp.begin());
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.begin() + nblocks, std::greater<float>());
+  const float t0 = tmp[k - 1];
+  cand.clear();
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    if (!(bm[blk] >= t0)) continue;
+    const int64_t lo = blk * W, hi = std::min(n, lo + W);
+    for (int64_t j = lo; j < hi; ++j) {
+      const float v = ld(x, j) + (bias ? bias[j] : 0.0f);
+      if (v >= t0) cand.emplace_back(v, j);
+    }
+  }
+  // Largest first; among equal values the lower column first.
+  auto before = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
+  std::sort(cand.begin(), cand.begin() + k, before);
+  for (int64_t j = 0; j < k; ++j) {
+    ov[j] = cand[j].first;
+    oi[j] = cand[j].second;
+  }
+  return true;
+}
+
 template <class T>
 void topk_rows(const T* x, const float* bias, int64_t rows, int64_t n, int64_t stride, int64_t k, float* out_v,
                int64_t* out_i, int nthreads) {
   parallel_rows(rows, nthreads, [=](int64_t s, int64_t e) {
-    for (int64_t r = s; r < e; ++r) topk_row(x + r * stride, bias, n, k, out_v + r * k, out_i + r * k);
+    std::vector<float> bm, tmp;
+    std::vector<std::pair<float, int64_t>> cand;
+    for (int64_t r = s; r < e; ++r) {
+      const T* xr = x + r * stride;
+      if (!topk_row_blocks(xr, bias, n, k, out_v + r * k, out_i + r * k, bm, tmp, cand))
+        topk_row(xr, bias, n, k, out_v + r * k, out_i + r * k);
+    }
   });
 }
 
