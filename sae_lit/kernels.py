@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_lit import native
+from sae_lit import losses, native
 
 # The CSR path below is exercised against a dense reference in tests/test_kernels.py.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -352,9 +352,7 @@ class ReconLosses(torch.autograd.Function):
             multi = torch.dot(e_all.reshape(-1), e_all.reshape(-1)) / den
         if aux_hat.numel():
             # residual = x_n - recon_k = -e_k; its total variance is e_k's.
-            c = e_k - e_k.mean(0)
-            den_aux = torch.dot(c.reshape(-1), c.reshape(-1)).clamp_min(tiny)
-            del c
+            den_aux = losses.total_variance(e_k).clamp_min(tiny)
             aux_err = aux_hat + e_k  # aux_hat - residual
             loss = aux_scale * torch.dot(aux_err.reshape(-1), aux_err.reshape(-1)) / den_aux
             finite = torch.isfinite(loss)  # no host sync: a non-finite loss becomes 0, no gradient

@@ -36,10 +36,15 @@ def auxk_loss(residual: Tensor, residual_hat: Tensor, n_dead: int, k_aux: int) -
     if n_dead == 0:
         return residual_hat.sum() * 0.0
     denom = total_variance(residual)
-    scale = min(n_dead / k_aux, 1.0)
+    scale = auxk_scale(n_dead, k_aux)
     loss = scale * (residual - residual_hat).pow(2).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny)
     # No host sync: a non-finite loss (e.g. an inf residual) is zeroed on the device.
     return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+
+def auxk_scale(n_dead: int, k_aux: int) -> float:
+    """AuxK's weight when few latents are dead: min(n_dead / k_aux, 1)."""
+    return min(n_dead / k_aux, 1.0)
 
 
 def l1_penalty(values: Tensor, decoder_norms: Tensor) -> Tensor:

@@ -229,19 +229,14 @@ class TopKSAE(nn.Module):
                 torch.bfloat16 if self.auxk_bf16 else None,
             )
             values = top_v.relu()
+            aux_scale = losses.auxk_scale(dead_rows.numel(), self.k_aux) if has_dead else 0.0
+            nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat, aux_scale)
         else:
             # Composable path (gradients w.r.t. the input too), e.g. for attribution.
             values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, top_i, top_v).relu()
             recon_k = kernels.sparse_decode(values[:, : self.k], top_i[:, : self.k], self.W_dec) + self.b_dec
             recon_all = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec if self.multi_topk else None
             aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local) if has_dead else None
-
-        if fused:
-            aux_scale = min(dead_rows.numel() / self.k_aux, 1.0) if has_dead else 0.0
-            nmse, multi, auxk = kernels.ReconLosses.apply(
-                x_norm, denom, recon_k, recon_all, aux_hat if has_dead else recon_k.new_empty(0), aux_scale
-            )
-        else:
             nmse = losses.nmse(x_norm, recon_k, denom)
             multi = losses.nmse(x_norm, recon_all, denom) if self.multi_topk else zero
             auxk = zero
@@ -263,11 +258,14 @@ class TopKSAE(nn.Module):
         """
         if x_c.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return torch.addmm(self.b_enc, x_c, self.W_enc.t())
-        shape = (x_c.shape[0], self.num_latents)
+        return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=self._step_buffer(x_c.shape[0], x_c.dtype))
+
+    def _step_buffer(self, batch: int, dtype: torch.dtype) -> Tensor:
+        """The reused [batch, n] CPU buffer for the encoder GEMM's output."""
         buf = getattr(self, "_pre_buffer", None)
-        if buf is None or buf.shape != shape or buf.dtype != x_c.dtype:
-            buf = self._pre_buffer = torch.empty(shape, dtype=x_c.dtype)
-        return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=buf)
+        if buf is None or buf.shape != (batch, self.num_latents) or buf.dtype != dtype:
+            buf = self._pre_buffer = torch.empty(batch, self.num_latents, dtype=dtype)
+        return buf
 
     def release_buffers(self) -> None:
         """Free the reused [B, n] encoder-output buffer of the CPU training step (it comes
@@ -292,10 +290,7 @@ class TopKSAE(nn.Module):
             dt = torch.float32
         else:
             return self._dense_pre_acts(x_c), None
-        shape = (x_c.shape[0], self.num_latents)
-        buf = getattr(self, "_pre_buffer", None)
-        if buf is None or buf.shape != shape or buf.dtype != dt:
-            buf = self._pre_buffer = torch.empty(shape, dtype=dt)
+        buf = self._step_buffer(x_c.shape[0], dt)
         with torch.autocast("cpu", enabled=False):  # autocast refuses out=; cast by hand instead
             torch.mm(x_c.detach().to(dt), self.W_enc.detach().to(dt).t(), out=buf)
         return buf, self.b_enc.detach()
