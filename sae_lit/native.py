@@ -134,6 +134,14 @@ def _rows_ok(x: Tensor) -> bool:
     )
 
 
+def _f32_cpu(*ts: Tensor) -> bool:
+    """All contiguous float32 CPU tensors outside autograd: what the elementwise kernels take."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        and not (t.requires_grad and torch.is_grad_enabled()) for t in ts
+    )
+
+
 def _fn(lib: ctypes.CDLL, name: str, x: Tensor):
     return getattr(lib, f"{name}_{'f32' if x.dtype == torch.float32 else 'bf16'}")
 
@@ -207,10 +215,8 @@ def aux_select(pre: Tensor, cols: Tensor | None, k_aux: int, *, dense: bool, bia
 def gather_dot(indices: Tensor, rows: Tensor, y: Tensor) -> Tensor | None:
     """[B, k]: <rows[indices[b, j]], y[b]>, or None where the native kernel does not apply
     (it needs float32 CPU tensors; rows and y contiguous)."""
-    if not (indices.device.type == rows.device.type == y.device.type == "cpu"
-            and rows.dtype == y.dtype == torch.float32 and indices.dtype == torch.int64 and indices.dim() == 2
-            and rows.is_contiguous() and y.is_contiguous() and rows.shape[1] == y.shape[1]
-            and not (torch.is_grad_enabled() and (rows.requires_grad or y.requires_grad))):
+    if not (_f32_cpu(rows, y) and indices.device.type == "cpu" and indices.dtype == torch.int64
+            and indices.dim() == 2 and rows.shape[1] == y.shape[1]):
         return None
     lib = _load()
     if lib is None:
@@ -227,9 +233,8 @@ def mask_nonpositive_(g: Tensor, z: Tensor) -> Tensor:
     """In place: g = 0 where z <= 0 (z a ReLU'd block, so its zeros are the unselected
     entries), g elsewhere. NaN in z keeps g's entry zeroed."""
     lib = _load()
-    if (lib is None or g.device.type != "cpu" or g.dtype != torch.float32 or z.dtype != torch.float32
-            or g.shape != z.shape or not g.is_contiguous() or not z.is_contiguous()):
-        return g.mul_(z > 0)
+    if lib is None or not _f32_cpu(g, z) or g.shape != z.shape:
+        return g.masked_fill_(~(z > 0), 0.0)
     lib.mask_nonpositive_f32(g.data_ptr(), z.data_ptr(), g.numel(), torch.get_num_threads())
     return g
 
@@ -238,8 +243,7 @@ def project_rows_(g: Tensor, w: Tensor) -> Tensor:
     """In place: g[r] -= (<g[r], w[r]> / <w[r], w[r]>) w[r] (denominator clamped at eps)."""
     eps = torch.finfo(w.dtype).eps
     lib = _load()
-    if (lib is None or g.device.type != "cpu" or g.dtype != torch.float32 or w.dtype != torch.float32
-            or g.dim() != 2 or g.shape != w.shape or not g.is_contiguous() or not w.is_contiguous()):
+    if lib is None or not _f32_cpu(g, w) or g.dim() != 2 or g.shape != w.shape:
         sq = torch.linalg.vecdot(w, w).clamp_min(eps)
         parallel = torch.linalg.vecdot(g, w) / sq
         return g.addcmul_(parallel.unsqueeze(1), w, value=-1.0)
