@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from sae_lit.cache import CacheConfig, build_cache
-from sae_lit.corpus import pack_contexts
-from sae_lit.subject import HookedForward, load_model, load_tokenizer, resolve_device
+from sae_lit.data.cache import CacheConfig, build_cache
+from sae_lit.data.corpus import pack_contexts
+from sae_lit.data.subject import HookedForward, load_model, load_tokenizer, resolve_device
 
 
 def bare_forward(forward, tokens: np.ndarray, batch: int, device) -> None:

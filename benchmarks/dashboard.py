@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_lit import shards as sh
+from sae_lit.data import shards as sh
 from sae_lit.dashboard import build_dashboard
 
 
 def random_sae(cache: str, num_latents: int, out: Path) -> Path:
-    from sae_lit.export import export_sae
-    from sae_lit.sae import TopKSAE
+    from sae_lit.model.formats import export_sae
+    from sae_lit.model.sae import TopKSAE
 
     manifest = sh.read_manifest(cache)
     sample = sh.decode_acts(np.load(Path(cache) / manifest["sample"]["file"]), manifest["dtype"])

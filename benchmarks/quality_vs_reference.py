@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from sae_lit.cli import cli_main
-from sae_lit.export import load_sae
+from sae_lit.training.cli import cli_main
+from sae_lit.model.formats import load_sae
 
 
 class ReferenceTopK(torch.nn.Module):

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from sae_lit import native
-from sae_lit.sae import TopKSAE
+from sae_lit.model import native
+from sae_lit.model.sae import TopKSAE
 
 DEFAULT_SHAPES = ["576,16384,32,4096", "576,4096,32,4096", "768,32768,32,2048"]
 

@@ -1,4 +1,5 @@
 """sae_lit: TopK sparse autoencoders on language-model activations, with PyTorch Lightning."""
-from sae_lit.sae import TopKSAE, ForwardOutput
+from sae_lit.model.formats import load_sae
+from sae_lit.model.sae import ForwardOutput, TopKSAE
 
-__all__ = ["TopKSAE", "ForwardOutput"]
+__all__ = ["ForwardOutput", "TopKSAE", "load_sae"]

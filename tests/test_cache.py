@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from sae_lit import shards as sh
-from sae_lit.cache import CacheConfig, build_cache, main
-from sae_lit.corpus import pack_contexts
-from sae_lit.subject import HookedForward, load_model, load_tokenizer
+from sae_lit.data import shards as sh
+from sae_lit.data.cache import CacheConfig, build_cache, main
+from sae_lit.data.corpus import pack_contexts
+from sae_lit.data.subject import HookedForward, load_model, load_tokenizer
 
 
 def _files(cache_dir) -> dict[str, bytes]:

@@ -6,11 +6,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from sae_lit.callbacks import DownstreamEval, EvalSuite, ShrinkageEval
-from sae_lit.datamodule import ActivationDataModule
+from sae_lit.training.callbacks import DownstreamEval, EvalSuite, ShrinkageEval
+from sae_lit.data.datamodule import ActivationDataModule
 from sae_lit.evals.suite import EvalConfig
-from sae_lit.module import SAEModule
-from sae_lit.synthetic import SyntheticActivationDataModule
+from sae_lit.training.module import SAEModule
+from sae_lit.data.synthetic import SyntheticActivationDataModule
 
 
 def _trainer(tmp_path, callbacks, max_steps=4, val_every=2):

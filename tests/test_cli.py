@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_lit.cli import cli_main
+from sae_lit.training.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Configs of other commands (tested with them): configs/dashboard.yaml (python -m sae_lit.dashboard).
@@ -15,7 +15,7 @@ TOOL_CONFIGS = {ROOT / "configs" / "dashboard.yaml"}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts and p not in TOOL_CONFIGS)
 # Presets that stack on top of an experiment config rather than standing alone.
 PRESETS = {p for p in CONFIGS if p.parent.name in ("trainer", "callbacks")}
-SYNTHETIC = ["--data=sae_lit.synthetic.SyntheticActivationDataModule", "--data.d_in=32",
+SYNTHETIC = ["--data=sae_lit.data.synthetic.SyntheticActivationDataModule", "--data.d_in=32",
              "--data.batch_size=256", "--data.num_features=128"]
 
 

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from sae_lit import corpus as C
-from sae_lit.subject import load_tokenizer
+from sae_lit.data import corpus as C
+from sae_lit.data.subject import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from conftest import tiny_cache_kwargs
-from sae_lit import shards as sh
-from sae_lit.cache import CacheConfig, build_cache
+from sae_lit.data import shards as sh
+from sae_lit.data.cache import CacheConfig, build_cache
 from sae_lit.dashboard.build import iter_split, load_n2g, scan
 from sae_lit.dashboard.stats import HIST_PER_OCTAVE, NUM_BANDS, NUM_BINS, SegmentedTopK, hist_bin
-from sae_lit.evals._sae import densify
-from sae_lit.export import export_sae
-from sae_lit.sae import TopKSAE
-from sae_lit.streams import RowFilter
+from sae_lit.evals.adapter import densify
+from sae_lit.model.formats import export_sae
+from sae_lit.model.sae import TopKSAE
+from sae_lit.data.streams import RowFilter
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
 

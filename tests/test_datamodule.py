@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from sae_lit import shards as sh
-from sae_lit import streams
-from sae_lit.datamodule import ActivationDataModule
+from sae_lit.data import shards as sh
+from sae_lit.data import streams
+from sae_lit.data.datamodule import ActivationDataModule
 
 
 def _dm(cache_kwargs, rank=None, world=None, **kw):

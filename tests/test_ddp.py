@@ -4,8 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from sae_lit.module import SAEModule
-from sae_lit.synthetic import SyntheticActivationDataModule
+from sae_lit.training.module import SAEModule
+from sae_lit.data.synthetic import SyntheticActivationDataModule
 
 
 class _DumpPerRank(L.Callback):

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import build_tiny_model
 from sae_lit.evals.ablation import ablation_sparsity, sparsity_of
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 V, D, T = 10, 4, 6
 

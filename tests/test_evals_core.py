@@ -9,7 +9,7 @@ from conftest import build_tiny_model
 from sae_lit.evals.downstream import downstream_loss
 from sae_lit.evals.progressive import jumprelu_threshold, progressive_recovery
 from sae_lit.evals.shrinkage import nnls, shrinkage
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 
 class IdentitySAE:

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import build_tiny_model
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.n2g import WILDCARD, n2g_eval, trie_insert, trie_match
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 
 def test_trie_matches_hand_positions():

@@ -11,7 +11,7 @@ from conftest import build_tiny_tokenizer
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.probe_tasks import TASKS, Snippet, builtin_snippets, load_jsonl_task
 from sae_lit.evals.probes import _event_positions, best_feature, build_examples, fit_1d_logistic, probe_eval, probe_scores
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 
 def test_fit_matches_scipy_on_each_column():
@@ -83,7 +83,7 @@ def test_jsonl_task_errors_name_the_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_subject(tiny_model_dir):
-    from sae_lit.subject import load_model, load_tokenizer
+    from sae_lit.data.subject import load_model, load_tokenizer
 
     return load_model(tiny_model_dir, "cpu"), load_tokenizer(tiny_model_dir)
 

@@ -1,4 +1,4 @@
-"""`python -m sae_lit.evaluate` on an exported SAE over the tiny llama's activation cache."""
+"""`python -m sae_lit.evals` on an exported SAE over the tiny llama's activation cache."""
 import json
 from pathlib import Path
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from sae_lit.datamodule import ActivationDataModule
-from sae_lit.evaluate import main
-from sae_lit.export import export_sae
-from sae_lit.sae import TopKSAE
+from sae_lit.data.datamodule import ActivationDataModule
+from sae_lit.evals.evaluate import main
+from sae_lit.model.formats import export_sae
+from sae_lit.model.sae import TopKSAE
 
 # Budgets small enough for a 16-token, 12-block validation split.
 TINY_EVALS = dict(
@@ -30,8 +30,8 @@ def exported(tmp_path, cache_kwargs):
     out = export_sae(sae, tmp_path / "run" / "sae", metadata=dm.export_metadata())
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"class_path": "sae_lit.datamodule.ActivationDataModule", "init_args": {**cache_kwargs, "progress": False}},
-        "trainer": {"callbacks": [{"class_path": "sae_lit.callbacks.EvalSuite", "init_args": {"config": TINY_EVALS}}]},
+        "data": {"class_path": "sae_lit.data.datamodule.ActivationDataModule", "init_args": {**cache_kwargs, "progress": False}},
+        "trainer": {"callbacks": [{"class_path": "sae_lit.training.callbacks.EvalSuite", "init_args": {"config": TINY_EVALS}}]},
     }))
     return out, config
 

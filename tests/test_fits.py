@@ -1,4 +1,4 @@
-"""Scaling-law fits (sae_lit.fits): known laws are recovered, the frontier is a lower envelope,
+"""Scaling-law fits (sae_lit.analysis.fits): known laws are recovered, the frontier is a lower envelope,
 the table helpers follow their documented definitions, and the plots render."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sae_lit import fits
+from sae_lit.analysis import fits
 
 PAPER_NK = (-0.50, 0.26, -0.017, -0.042, -1.32, -0.085)  # (α, β_k, β_n, γ, ζ, η), PAPER.md
 

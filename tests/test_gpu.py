@@ -5,7 +5,7 @@ times the step)."""
 import pytest
 import torch
 
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

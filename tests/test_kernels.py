@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sae_lit import kernels
+from sae_lit.model import kernels
 
 
 def _case(B=5, n=12, d=7, k=3, seed=0, dtype=torch.float64):
@@ -72,7 +72,7 @@ def test_subset_encode_gradcheck_and_rows():
 
 @pytest.mark.parametrize("multi,aux", [(False, False), (True, False), (False, True), (True, True)])
 def test_recon_losses_match_the_loss_formulas_in_value_and_gradient(multi, aux):
-    from sae_lit import losses
+    from sae_lit.model import losses
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 5, generator=g, dtype=torch.float64)

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from sae_lit.export import export_sae, load_sae
-from sae_lit.module import SAEModule, default_lr
-from sae_lit.synthetic import SyntheticActivationDataModule
+from sae_lit.model.formats import export_sae, load_sae
+from sae_lit.training.module import SAEModule, default_lr
+from sae_lit.data.synthetic import SyntheticActivationDataModule
 
 
 def _trainer(tmp_path, max_steps=30, **kw):
@@ -102,7 +102,7 @@ def test_export_takes_raw_activations_and_round_trips(tmp_path):
 
 
 def test_export_cli_from_checkpoint(tmp_path):
-    from sae_lit.export import main
+    from sae_lit.training.export import main
 
     model, dm = _module(), _dm()
     trainer = _trainer(tmp_path, max_steps=5)
@@ -152,7 +152,7 @@ def test_multi_topk_and_relu_baseline_train(tmp_path):
 
 def test_resume_on_a_real_cache_is_exact(cache_kwargs, tmp_path):
     """The activation stream fast-forwards on resume: interrupted + resumed == uninterrupted."""
-    from sae_lit.datamodule import ActivationDataModule
+    from sae_lit.data.datamodule import ActivationDataModule
 
     ActivationDataModule(**cache_kwargs, progress=False).prepare_data()
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from sae_lit import native
-from sae_lit.sae import TopKSAE
+from sae_lit.model import native
+from sae_lit.model.sae import TopKSAE
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error}")
 
@@ -211,7 +211,7 @@ def test_bf16_rows_select_like_float32_rows():
 
 _VARIANT_CHECK = """
 import torch
-from sae_lit import native
+from sae_lit.model import native
 assert native.available(), native.build_error
 g = torch.Generator().manual_seed(0)
 for dt in (torch.float32, torch.bfloat16):
@@ -272,7 +272,7 @@ def test_keep_freed_memory_can_be_switched_off(monkeypatch):
 
 _FORK_CHECK = """
 import os, torch
-from sae_lit import native
+from sae_lit.model import native
 assert native.available(), native.build_error
 x = torch.randn(256, 4096)
 want = x.topk(16).values

@@ -6,9 +6,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from sae_lit.datamodule import ActivationDataModule
-from sae_lit.export import export_sae
-from sae_lit.sae import TopKSAE
+from sae_lit.data.datamodule import ActivationDataModule
+from sae_lit.model.formats import export_sae
+from sae_lit.model.sae import TopKSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import math
 
 import yaml
 
-from sae_lit import report, sweep
+from sae_lit.analysis import report, sweep
 
 NK = dict(alpha=-0.5, beta_k=0.26, beta_n=-0.017, gamma=-0.042, zeta=-1.32, eta=-0.085)
 

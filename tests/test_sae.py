@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sae_lit.sae import TopKSAE, geometric_median
+from sae_lit.model.sae import TopKSAE, geometric_median
 
 
 def _sae(d=16, n=64, k=4, **kw):

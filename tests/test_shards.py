@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_lit import shards as sh
+from sae_lit.data import shards as sh
 
 
 def _write(path, n_blocks=3, T=4, d=5, split="train", first=0):

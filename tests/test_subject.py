@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_lit.subject import (
+from sae_lit.data.subject import (
     EMBEDDED_MODEL,
     HookedForward,
     canonical_model,

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_lit import sweep
-from sae_lit.module import SAEModule
+from sae_lit.analysis import sweep
+from sae_lit.training.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,12 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from sae_lit import losses
-from sae_lit.activations import DENSE_ACTIVATIONS, default_prefixes
-from sae_lit.export import export_sae, load_sae
-from sae_lit.module import SAEModule
-from sae_lit.sae import TopKSAE
-from sae_lit.synthetic import SyntheticActivationDataModule
+from sae_lit.model import losses
+from sae_lit.model.activations import DENSE_ACTIVATIONS, default_prefixes
+from sae_lit.model.formats import export_sae, load_sae
+from sae_lit.training.module import SAEModule
+from sae_lit.model.sae import TopKSAE
+from sae_lit.data.synthetic import SyntheticActivationDataModule
 
 
 def _sae(activation, n=64, d=16, k=4, **kw):

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_lit import shards as sh
+from sae_lit.data import shards as sh
 from sae_lit.dashboard.stats import LatentStats
-from sae_lit.streams import RowFilter
+from sae_lit.data.streams import RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,8 @@ def build_dashboard(
         progress: show progress bars.
     """
     from sae_lit.dashboard.render import write_site
-    from sae_lit.export import load_sae
-    from sae_lit.subject import load_model, load_tokenizer
+    from sae_lit.model.formats import load_sae
+    from sae_lit.data.subject import load_model, load_tokenizer
 
     start = time.perf_counter()
     manifest = sh.read_manifest(cache)

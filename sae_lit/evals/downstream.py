@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import _sae
+from sae_lit.evals import adapter as _sae
 from sae_lit.evals.lm import edit_hookpoint, logits, token_ce, token_kl
 from sae_lit.evals.result import EvalResult
 

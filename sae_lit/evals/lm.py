@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from sae_lit.subject import resolve_hookpoint
+from sae_lit.data.subject import resolve_hookpoint
 
 
 def hook_module(model: nn.Module, hookpoint: str) -> nn.Module:
@@ -50,7 +50,7 @@ def logits(model: nn.Module, input_ids: Tensor) -> Tensor:
 @torch.no_grad()
 def hook_acts(model: nn.Module, hookpoint: str, input_ids: Tensor) -> Tensor:
     """Activations at the hookpoint [B, T, d] (the forward stops there)."""
-    from sae_lit.subject import HookedForward
+    from sae_lit.data.subject import HookedForward
 
     return HookedForward(model, hookpoint)(input_ids.to(model_device(model)))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import _sae
+from sae_lit.evals import adapter as _sae
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.result import EvalResult
 

@@ -270,7 +270,7 @@ def vader_lexicon() -> dict[str, float] | None:
 
 
 def _kjv_chapters() -> list[tuple[str, list[str]]]:
-    from sae_lit.corpus import _kjv_file
+    from sae_lit.data.corpus import _kjv_file
 
     chapters: dict[tuple[str, int], list[str]] = {}
     with open(_kjv_file(), encoding="utf-8") as f:
@@ -290,7 +290,7 @@ def builtin_snippets(tokenizer, n_code: int = 96, n_pydoc: int = 48, n_kjv_per_g
     vader = vader_lexicon()
     out: list[Snippet] = []
 
-    from sae_lit.corpus import _stdlib_files
+    from sae_lit.data.corpus import _stdlib_files
 
     files = list(_stdlib_files())
     rng.shuffle(files)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import _sae
+from sae_lit.evals import adapter as _sae
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.probe_tasks import Snippet
 from sae_lit.evals.result import EvalResult
@@ -128,7 +128,7 @@ def build_examples(snippets: list[Snippet], tokenizer, max_per_class: int = 128,
                    seed: int = 0) -> tuple[list[list[int]], dict[str, dict], dict[str, str]]:
     """Token ids per snippet (BOS first) and, per task, balanced train/test examples
     {"train": [(snippet, pos, label)], "test": [...]}. Train and test never share a snippet."""
-    from sae_lit.corpus import special_ids
+    from sae_lit.data.corpus import special_ids
 
     bos, _ = special_ids(tokenizer)
     rng = random.Random(seed)

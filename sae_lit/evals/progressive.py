@@ -6,7 +6,7 @@ reconstructs when run at another sparsity.
   calibrated on *training* activations so that the mean L0 there equals k, then measured on
   held-out ones.
 
-NMSE as in ``sae_lit.metrics.NMSE``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole
+NMSE as in ``sae_lit.training.metrics.NMSE``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole
 eval set. Needs ``encode(x, k=...)`` for the k' sweep and ``pre_acts``/``normalize_input``
 (TopKSAE) for JumpReLU; SAEs without them get those parts skipped with a note.
 """
@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import Tensor
 
-from sae_lit.evals import _sae
+from sae_lit.evals import adapter as _sae
 from sae_lit.evals.result import EvalResult
 
 log = logging.getLogger(__name__)

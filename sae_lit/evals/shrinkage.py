@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_lit.evals import _sae
+from sae_lit.evals import adapter as _sae
 from sae_lit.evals.result import EvalResult
 
 

@@ -2,7 +2,7 @@
 one function that runs the enabled evals and returns a JSON-ready report plus figures.
 
 Used by the callbacks (during validation and `python main.py test`) and by
-`python -m sae_lit.evaluate`; nothing here knows about Lightning.
+`python -m sae_lit.evals`; nothing here knows about Lightning.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ _MODELS: dict[tuple, tuple] = {}
 def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "auto"):
     """(model, tokenizer), loaded once per process: validation runs every few hundred steps and
     the embedded model takes ~20 s to de-quantize."""
-    from sae_lit.subject import load_model, load_tokenizer
+    from sae_lit.data.subject import load_model, load_tokenizer
 
     key = (spec, str(device), dtype)
     if key not in _MODELS:

@@ -1,7 +1,7 @@
 """Loss functions, pure and batch-local.
 
 Training losses are normalised per batch (that is what the optimiser sees). Evaluation
-metrics that sum over a whole split live in ``sae_lit.metrics``.
+metrics that sum over a whole split live in ``sae_lit.training.metrics``.
 """
 from __future__ import annotations
 

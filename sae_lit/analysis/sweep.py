@@ -1,9 +1,9 @@
 """Sweeps: many ordinary Lightning runs over a grid, sharing one activation cache, collected
 into one table.
 
-    python -m sae_lit.sweep --config configs/sweeps/cpu.yaml            # run (resumes)
-    python -m sae_lit.sweep --config configs/sweeps/cpu.yaml --dry-run  # list the runs
-    python -m sae_lit.sweep --config configs/sweeps/cpu.yaml --collect  # only rebuild the tables
+    python -m sae_lit.analysis.sweep --config configs/sweeps/cpu.yaml            # run (resumes)
+    python -m sae_lit.analysis.sweep --config configs/sweeps/cpu.yaml --dry-run  # list the runs
+    python -m sae_lit.analysis.sweep --config configs/sweeps/cpu.yaml --collect  # only rebuild the tables
 
 A sweep file names a base LightningCLI config and groups of runs:
 
@@ -126,7 +126,7 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
     """Fit one run through the normal CLI, then validate on the whole split."""
     import lightning as L
 
-    from sae_lit.cli import cli_main
+    from sae_lit.training.cli import cli_main
 
     over = cli_overrides(run, spec)
     args = ["--config", str(spec["base_config"]), f"--trainer.default_root_dir={run_dir}"]
@@ -186,8 +186,8 @@ class EvalRunner:
             return {}
         from sae_lit.evals.report import close_figures, write_report
         from sae_lit.evals.suite import data_from_datamodule, run_suite
-        from sae_lit.evaluate import _read_config, datamodule_from_config
-        from sae_lit.export import load_sae
+        from sae_lit.evals.evaluate import _read_config, datamodule_from_config
+        from sae_lit.model.formats import load_sae
 
         if self.data is None:
             cfg_path = str(self.spec["base_config"])
@@ -323,7 +323,7 @@ def _num(v: str):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m sae_lit.sweep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
     ap.add_argument("--root", help="override the sweep's root folder")
     ap.add_argument("--only", nargs="*", help="run only these run or group names")

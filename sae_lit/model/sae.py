@@ -15,16 +15,14 @@ export.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from sae_lit import kernels, losses, native
-from sae_lit.activations import DENSE_ACTIVATIONS, compact, make_activation
+from sae_lit.model import kernels, losses, native
+from sae_lit.model.activations import DENSE_ACTIVATIONS, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
 Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka"]
@@ -370,13 +368,6 @@ class TopKSAE(nn.Module):
             b_dec_init=self.b_dec_init,
             **({"matryoshka_prefixes": self.act.prefixes} if self.activation == "matryoshka" else {}),
         )
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TopKSAE":
-        """Load an exported SAE folder (SAELens v6 layout, see sae_lit.export)."""
-        from sae_lit.export import load_sae
-
-        return load_sae(path, device=device)
 
 
 @torch.no_grad()

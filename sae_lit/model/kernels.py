@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_lit import losses, native
+from sae_lit.model import losses, native
 
 # The CSR path below is exercised against a dense reference in tests/test_kernels.py.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

@@ -1,7 +1,7 @@
 """Evaluate any exported / SAELens-layout SAE folder with the full suite.
 
-    python -m sae_lit.evaluate --sae logs/quickstart/lightning_logs/version_0/sae --config configs/quickstart.yaml
-    python -m sae_lit.evaluate --sae DIR --config CFG --evals.evals '[downstream, probes]' --evals.n2g_latents 16
+    python -m sae_lit.evals --sae logs/quickstart/lightning_logs/version_0/sae --config configs/quickstart.yaml
+    python -m sae_lit.evals --sae DIR --config CFG --evals.evals '[downstream, probes]' --evals.n2g_latents 16
 
 The config's `data:` section (a LightningCLI config, or flat data-module keys) names the subject
 model, the hookpoint and the activation cache (built if missing); an EvalSuite callback in its
@@ -25,7 +25,7 @@ from sae_lit.evals.report import close_figures, log_tensorboard, write_report
 from sae_lit.evals.suite import EvalConfig, data_from_datamodule, run_suite
 
 log = logging.getLogger(__name__)
-DEFAULT_DATA = "sae_lit.datamodule.ActivationDataModule"
+DEFAULT_DATA = "sae_lit.data.datamodule.ActivationDataModule"
 
 
 def _read_config(path: str) -> dict:
@@ -60,7 +60,7 @@ def eval_defaults_from_config(cfg: dict) -> dict:
     """init_args.config of the first EvalSuite-like callback in trainer.callbacks, if any."""
     callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
     for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("sae_lit.callbacks"):
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("sae_lit.training.callbacks"):
             conf = (cb.get("init_args") or {}).get("config") or {}
             return {k: v for k, v in conf.items() if k in {f.name for f in dataclasses.fields(EvalConfig)}}
     return {}
@@ -72,8 +72,8 @@ def default_out_dir(sae_dir: Path) -> Path:
 
 def evaluate(sae_dir: str, config_path: str, out_dir: str | None = None, device: str = "auto",
              eval_cfg: EvalConfig | None = None) -> dict:
-    from sae_lit.export import load_sae
-    from sae_lit.subject import resolve_device
+    from sae_lit.model.formats import load_sae
+    from sae_lit.data.subject import resolve_device
 
     start = time.perf_counter()
     cfg = _read_config(config_path)
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    parser = ArgumentParser(prog="python -m sae_lit.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m sae_lit.evals", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     parser.add_argument("--config", required=True, help="training config whose data: section names model, hookpoint, cache")
     parser.add_argument("--out", default=None, help="output folder (default: eval/ next to the SAE folder)")

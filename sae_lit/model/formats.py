@@ -8,25 +8,24 @@ raw activations: for inputs scaled by s in training, TopK(W_enc(s x - b) + b_enc
 the same latents as TopK(W_enc(x - b/s) + b_enc/s) with values divided by s, and
 W_dec z/s + b/s = (W_dec z + b)/s. So b_enc/s and b_dec/s, weights unchanged.
 
-Architectures, by activation (sae_lit.activations):
+Architectures, by activation (sae_lit.model.activations):
     topk                  -> "topk"       (k)
     relu                  -> "standard"
     gated                 -> "gated"      (b_gate, r_mag, b_mag instead of b_enc; biases / s)
     batchtopk, matryoshka -> "jumprelu"   (their inference form; threshold [d_sae] = theta / s)
     prolu                 -> "prolu"      (no SAELens counterpart; our loader reads it)
 
-    python -m sae_lit.export CKPT OUT_DIR
+A Lightning checkpoint becomes such a folder with `python -m sae_lit.training.export CKPT OUT_DIR`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_lit.sae import TopKSAE
+from sae_lit.model.sae import TopKSAE
 
 ARCHITECTURES = {"topk": "topk", "relu": "standard", "gated": "gated", "batchtopk": "jumprelu",
                  "matryoshka": "jumprelu", "prolu": "prolu"}
@@ -147,19 +146,3 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
         sae.initialized.fill_(True)
     sae.export_cfg = cfg
     return sae.to(device)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Export an SAEModule checkpoint to a SAELens-layout folder.")
-    ap.add_argument("ckpt", help="Lightning checkpoint (.ckpt) of an SAEModule")
-    ap.add_argument("out", help="output folder")
-    args = ap.parse_args(argv)
-    from sae_lit.module import SAEModule
-
-    module = SAEModule.load_from_checkpoint(args.ckpt, map_location="cpu")
-    out = export_sae(module.eval_sae, args.out, metadata=module.export_metadata)
-    print(f"Exported {args.ckpt} -> {out}")
-
-
-if __name__ == "__main__":
-    main()

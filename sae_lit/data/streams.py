@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sae_lit.shards import CorruptShardError, decode_acts, iter_shard, row_norms
+from sae_lit.data.shards import CorruptShardError, decode_acts, iter_shard, row_norms
 
 log = logging.getLogger(__name__)
 

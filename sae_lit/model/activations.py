@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_lit import losses
+from sae_lit.model import losses
 
 DENSE_ACTIVATIONS = ("relu", "prolu", "gated", "batchtopk", "matryoshka")
 

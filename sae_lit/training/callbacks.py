@@ -6,7 +6,7 @@ In a config:
 
     trainer:
       callbacks:
-        - class_path: sae_lit.callbacks.EvalSuite
+        - class_path: sae_lit.training.callbacks.EvalSuite
           init_args:
             every_n_validations: 5
             config: {evals: [downstream, probes], downstream_contexts: 16}

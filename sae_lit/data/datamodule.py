@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sae_lit import shards as sh
-from sae_lit.cache import CacheConfig, build_cache, cache_is_complete
-from sae_lit.streams import RowFilter, ShardRef, TrainStream, ValStream
-from sae_lit.subject import hookpoint_info, hub_name
+from sae_lit.data import shards as sh
+from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
+from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
+from sae_lit.data.subject import hookpoint_info, hub_name
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ActivationDataModule(L.LightningDataModule):
                 activations, kept in the cache) from train/val batches and init_sample.
             skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
             tokens_per_shard, model_batch_size, device, model_dtype, seed, val_fraction, text_field,
-            sample_tokens, outlier_factor: cache-building options, see sae_lit.cache.CacheConfig.
+            sample_tokens, outlier_factor: cache-building options, see sae_lit.data.cache.CacheConfig.
             progress: show the cache-building progress bar.
         """
         super().__init__()
@@ -117,7 +117,7 @@ class ActivationDataModule(L.LightningDataModule):
         if manifest is None or not manifest.get("complete"):
             raise sh.CacheError(
                 f"No complete activation cache in {cache_dir}; call prepare_data() (the Trainer does) or "
-                f"`python -m sae_lit.cache --cache_dir {cache_dir} ...` first."
+                f"`python -m sae_lit.data.cache --cache_dir {cache_dir} ...` first."
             )
         sh.check_manifest(manifest, self.cache_config.expected(self._fingerprint), cache_dir)
         if int(manifest["d_in"]) != self.d_in:

@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sae_lit import native
-from sae_lit.metrics import NMSE, FiringCounts, MeanL0
-from sae_lit.sae import Activation, BDecInit, Normalize, TopKSAE
+from sae_lit.model import native
+from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
+from sae_lit.model.sae import Activation, BDecInit, Normalize, TopKSAE
 
 
 def default_lr(num_latents: int) -> float:
@@ -263,7 +263,7 @@ class SAEModule(L.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
         if not self.trainer.is_global_zero:
             return
-        from sae_lit.export import export_sae
+        from sae_lit.model.formats import export_sae
 
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if final:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from sae_lit.module import SAEModule
+from sae_lit.training.module import SAEModule
 
 
 class SAECLI(LightningCLI):

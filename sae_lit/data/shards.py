@@ -50,7 +50,7 @@ class CorruptShardError(CacheError):
         self.path = str(path)
         super().__init__(
             f"Shard {path} is corrupt or truncated ({reason}). Delete that file and run prepare_data() / "
-            f"`python -m sae_lit.cache` again to rebuild just that shard, or set skip_corrupt_shards=True to skip it."
+            f"`python -m sae_lit.data.cache` again to rebuild just that shard, or set skip_corrupt_shards=True to skip it."
         )
 
 

@@ -1,7 +1,7 @@
 """Build the activation cache: text -> subject LM (stopped at the hookpoint) -> shards + manifest.
 
-    python -m sae_lit.cache --config configs/quickstart.yaml      # uses its data: section
-    python -m sae_lit.cache --model gpt2 --hookpoint resid_post.8 --cache_dir data/cache/gpt2-l8
+    python -m sae_lit.data.cache --config configs/quickstart.yaml      # uses its data: section
+    python -m sae_lit.data.cache --model gpt2 --hookpoint resid_post.8 --cache_dir data/cache/gpt2-l8
 
 The build is deterministic (document order, packing, block numbering depend only on the
 config), so an interrupted build resumes at shard granularity: shards already on disk are
@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from sae_lit import shards as sh
-from sae_lit.corpus import make_corpus, pack_contexts, special_ids
-from sae_lit.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
+from sae_lit.data import shards as sh
+from sae_lit.data.corpus import make_corpus, pack_contexts, special_ids
+from sae_lit.data.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> BuildResult:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = ArgumentParser(prog="python -m sae_lit.cache", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m sae_lit.data.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML with CacheConfig keys, or a LightningCLI config (its data: section)")
     parser.add_class_arguments(CacheConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

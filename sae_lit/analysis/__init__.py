@@ -1,0 +1,1 @@
+"""Sweeps over many runs, the paper's scaling-law fits and the reproduction report."""

@@ -1,0 +1,1 @@
+"""Training with Lightning: SAEModule, split-level metrics, the eval callbacks, the CLI."""

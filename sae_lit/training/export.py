@@ -1,0 +1,34 @@
+"""A Lightning checkpoint of an SAEModule -> an SAE folder (sae_lit.model.formats).
+
+    python -m sae_lit.training.export CKPT OUT_DIR
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from jsonargparse import CLI
+
+from sae_lit.model.formats import export_sae
+from sae_lit.training.module import SAEModule
+
+
+def export_checkpoint(ckpt: str, out: str) -> Path:
+    """Export the SAE of a Lightning checkpoint (its EMA weights when it keeps them).
+
+    Args:
+        ckpt: Lightning checkpoint (.ckpt) of an SAEModule.
+        out: output folder (SAELens layout).
+    """
+    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
+    path = export_sae(module.eval_sae, out, metadata=module.export_metadata)
+    print(f"Exported {ckpt} -> {path}")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    return CLI(export_checkpoint, args=argv, as_positional=True)
+
+
+if __name__ == "__main__":
+    main()
