@@ -34,13 +34,13 @@ def _write(tmp_path, rows, details=None):
         if details and r["run"] in details:
             (root / "runs" / r["run"] / "eval" / "report.json").write_text(json.dumps({"details": details[r["run"]]}))
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    sweep._write_csv(root / "results.csv", rows, cols)
+    sweep.write_csv(root / "results.csv", rows, cols)
     curves = []
     for r in rows:
         for step in (50, 100, 150, 200, 250, 300):
             curves.append({"run": r["run"], "step": step, "tokens": step * 4096,
                            "val/nmse": r["val/nmse"] * (1 + 2.0 / step)})
-    sweep._write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
+    sweep.write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"root": str(root), "base_config": "configs/tiny.yaml", "groups": {"x": {}}}))
     return spec

@@ -9,17 +9,17 @@ table by the rule stated in its section; nothing is tuned to agree with the pape
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
+from jsonargparse import ArgumentParser
 
 from sae_lit.analysis import fits
 from sae_lit.analysis.sweep import read_sweep, read_table
+from sae_lit.common import fmt, log_axes, save_figure, write_text_atomic
 
 L1_FAMILIES = ("relu", "prolu", "gated")
 LABEL = {"topk": "TopK", "relu": "ReLU+L1", "prolu": "ProLU", "gated": "Gated", "batchtopk": "BatchTopK",
@@ -28,14 +28,6 @@ LABEL = {"topk": "TopK", "relu": "ReLU+L1", "prolu": "ProLU", "gated": "Gated", 
 
 def in_group(rows, group):
     return [r for r in rows if group in str(r.get("groups", "")).split(";")]
-
-
-def fmt(x, nd=4):
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if isinstance(x, (int, np.integer)):
-        return str(x)
-    return f"{x:.{nd}g}"
 
 
 def table(header, rows) -> str:
@@ -54,20 +46,6 @@ def _interp_loglog(x, xs, ys):
     if lx < xs[0] or lx > xs[-1]:
         return None
     return float(math.exp(np.interp(lx, xs, ys)))
-
-
-def _fig(title, xlabel, ylabel, logx=True, logy=True):
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    return fig, ax
 
 
 class Report:
@@ -91,7 +69,7 @@ class Report:
 
     # -------------------------------------------------------------------- helpers
     def figure(self, fig, name: str) -> str:
-        fits.save_figure(fig, self.figdir / f"{name}.png", tb_writer=self.writer, tag=f"report/{name}")
+        save_figure(fig, self.figdir / f"{name}.png", tb_writer=self.writer, tag=f"report/{name}")
         return f"![{name}](figures/{name}.png)"
 
     def verdict(self, claim: str, holds: bool | None, why: str) -> str:
@@ -114,8 +92,8 @@ class Report:
         if len(topk) < 2:
             return self.add("1. TopK against the L1 baselines", claim, [self.verdict(claim, None, "too few TopK runs")])
         n = topk[0]["num_latents"]
-        fig, ax = _fig(f"NMSE vs L0 (n={n})", "L0 (validation)", "NMSE (validation)")
-        fig2, ax2 = _fig(f"Downstream loss vs NMSE (n={n})", "NMSE (validation)", "ΔCE (nats)")
+        fig, ax = log_axes(f"NMSE vs L0 (n={n})", "L0 (validation)", "NMSE (validation)")
+        fig2, ax2 = log_axes(f"Downstream loss vs NMSE (n={n})", "NMSE (validation)", "ΔCE (nats)")
         lines, wins_mse, wins_ce, cmp_mse, cmp_ce = [], 0, 0, 0, 0
         for act in ("topk", *L1_FAMILIES, "batchtopk", "matryoshka"):
             rs = sorted(fits.select(rows, activation=act), key=lambda r: r["val/l0"])
@@ -204,7 +182,7 @@ class Report:
     def progressive(self) -> None:
         rows = in_group(self.results, "multi_topk")
         claim = "Multi-TopK gives a progressive code (good at k' > k and with a JumpReLU threshold); plain TopK does not."
-        fig, ax = _fig("Progressive recovery", "L0 at inference", "NMSE")
+        fig, ax = log_axes("Progressive recovery", "L0 at inference", "NMSE")
         lines, res = [], {}
         for r in sorted(rows, key=lambda r: bool(r["multi_topk"])):
             d = self.eval_details(r).get("progressive", {})
@@ -270,7 +248,7 @@ class Report:
         probe = [(r["num_latents"], r["eval/probe_loss"]) for r in rows if r.get("eval/probe_loss") is not None]
         f1 = [(r["num_latents"], r["eval/n2g_f1"]) for r in rows if r.get("eval/n2g_f1") is not None]
         if len(probe) >= 3 and len(f1) >= 3:
-            fig, ax = _fig("Probe loss and N2G F1 vs n", "latents n", "value", logy=False)
+            fig, ax = log_axes("Probe loss and N2G F1 vs n", "latents n", "value", logy=False)
             ax.plot(*zip(*probe), "o-", label="probe loss (lower is better)")
             ax.plot(*zip(*f1), "s-", label="N2G F1 (higher is better)")
             ax.legend(fontsize=8)
@@ -426,7 +404,7 @@ class Report:
             if (self.root / name).is_file():
                 shutil.copyfile(self.root / name, self.out / name)
         path = self.out / "reproduction.md"
-        path.write_text("\n\n".join(head + self.sections) + "\n")
+        write_text_atomic(path, "\n\n".join(head + self.sections) + "\n")
         if self.writer is not None:
             self.writer.add_text("report/reproduction", path.read_text())
             self.writer.close()
@@ -440,19 +418,31 @@ def _spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", required=True, help="the sweep YAML whose results to report")
-    ap.add_argument("--out", default="reports", help="output folder (reproduction.md, figures/)")
-    args = ap.parse_args(argv)
-    spec = read_sweep(args.sweep)
+def reproduction_report(sweep: str, out: str = "reports") -> Path:
+    """Write the reproduction report of a finished sweep.
+
+    Args:
+        sweep: the sweep YAML whose results to report.
+        out: output folder (reproduction.md, figures/).
+    """
+    spec = read_sweep(sweep)
     if not (Path(spec["root"]) / "results.csv").is_file():
         raise FileNotFoundError(f"{Path(spec['root']) / 'results.csv'} not found: run `python -m sae_lit.analysis.sweep --config "
-                                f"{args.sweep}` first")
-    commands = [f"python -m sae_lit.analysis.sweep --config {args.sweep}", f"python -m sae_lit.analysis.report --sweep {args.sweep} --out {args.out}"]
-    path = Report(spec, Path(args.out)).write(commands)
+                                f"{sweep}` first")
+    commands = [f"python -m sae_lit.analysis.sweep --config {sweep}", f"python -m sae_lit.analysis.report --sweep {sweep} --out {out}"]
+    path = Report(spec, Path(out)).write(commands)
     print(f"Report: {path}")
     return path
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
+    p.add_function_arguments(reproduction_report, as_group=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return reproduction_report(**parser().parse_args(argv).as_dict())
 
 
 if __name__ == "__main__":

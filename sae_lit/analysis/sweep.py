@@ -28,7 +28,6 @@ run, every metric) and ``<root>/curves.csv`` (validation NMSE during training).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import itertools
@@ -40,6 +39,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import ActionYesNo, ArgumentParser
+
+from sae_lit.common import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +188,12 @@ class EvalRunner:
             return {}
         from sae_lit.evals.report import close_figures, write_report
         from sae_lit.evals.suite import data_from_datamodule, run_suite
-        from sae_lit.evals.evaluate import _read_config, datamodule_from_config
+        from sae_lit.evals.evaluate import datamodule_from_config, read_yaml_config
         from sae_lit.model.formats import load_sae
 
         if self.data is None:
             cfg_path = str(self.spec["base_config"])
-            dm = datamodule_from_config(_read_config(cfg_path), cfg_path)
+            dm = datamodule_from_config(read_yaml_config(cfg_path), cfg_path)
             dm.prepare_data()
             dm.setup("test")
             self.data = data_from_datamodule(dm, self._config(self.evals))
@@ -241,13 +243,11 @@ def run_sweep(spec: dict, only: list[str] | None = None) -> list[dict]:
         _write_result(done, row, curve)
         log.info("  %s: val/nmse=%.4f l0=%.1f dead=%.3f, %.0f s", run.name, row.get("val/nmse", float("nan")),
                  row.get("val/l0", float("nan")), row.get("val/dead_frac", float("nan")), row["wall_seconds"])
-    return collect(spec)
+    return write_tables(spec)
 
 
 def _write_result(path: Path, row: dict, curve: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"row": row, "curve": curve}, indent=1))
-    tmp.replace(path)  # atomic: a killed run leaves no result and is redone
+    write_json_atomic(path, {"row": row, "curve": curve}, indent=1)  # a killed run leaves no result and is redone
 
 
 def evals_done(row: dict) -> set[str]:
@@ -262,7 +262,7 @@ def evals_done(row: dict) -> set[str]:
     return set(report.get("seconds", {})) | set(report.get("skipped", {})) | set(report.get("errors", {}))
 
 
-def collect(spec: dict) -> list[dict]:
+def write_tables(spec: dict) -> list[dict]:
     """(Re)write results.csv and curves.csv from every finished run's result.json."""
     root = Path(spec["root"])
     rows, curves = [], []
@@ -284,19 +284,17 @@ def collect(spec: dict) -> list[dict]:
     if not rows:
         return rows
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    _write_csv(root / "results.csv", rows, cols)
-    _write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
+    write_csv(root / "results.csv", rows, cols)
+    write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
+def write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 def read_table(path: str | Path) -> list[dict]:
@@ -322,27 +320,50 @@ def _num(v: str):
             return v
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
-    ap.add_argument("--root", help="override the sweep's root folder")
-    ap.add_argument("--only", nargs="*", help="run only these run or group names")
-    ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    ap.add_argument("--collect", action="store_true", help="only rebuild results.csv / curves.csv")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = read_sweep(args.config)
-    if args.root:
-        spec["root"] = args.root
-    if args.dry_run:
+def command(config: str, root: str | None = None, only: list[str] | None = None, dry_run: bool = False,
+            collect: bool = False) -> list[dict]:
+    """Run a sweep (finished runs are skipped), list its runs, or only rebuild its tables.
+
+    Args:
+        config: sweep YAML (see configs/sweeps/).
+        root: override the sweep's root folder.
+        only: run only these run or group names.
+        dry_run: list the runs and exit.
+        collect: only rebuild results.csv / curves.csv.
+
+    Returns the finished runs' rows (none for a dry run).
+    """
+    spec = read_sweep(config)
+    if root:
+        spec["root"] = root
+    if dry_run:
         runs = expand(spec)
         for r in runs:
             print(f"{r.name:<48} groups={','.join(r.groups)} evals={','.join(r.evals) or '-'}")
         print(f"{len(runs)} runs")
         return []
-    rows = collect(spec) if args.collect else run_sweep(spec, args.only)
+    rows = write_tables(spec) if collect else run_sweep(spec, only)
     print(f"{len(rows)} finished runs -> {Path(spec['root']) / 'results.csv'}")
     return rows
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
+    p.add_function_arguments(command, skip={"only", "dry_run", "collect"}, as_group=False)
+    # Spelled as they always were: `--only A B`, and bare flags (a bool parameter would want
+    # `--dry_run true`). `--config` is the sweep file, not a config file of this command.
+    p.add_argument("--only", nargs="*", type=str, help="run only these run or group names")
+    p.add_argument("--dry-run", "--dry_run", action=ActionYesNo(no_prefix=None), default=False,
+                   help="list the runs and exit")
+    p.add_argument("--collect", action=ActionYesNo(no_prefix=None), default=False,
+                   help="only rebuild results.csv / curves.csv")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return command(**args.as_dict())
 
 
 if __name__ == "__main__":

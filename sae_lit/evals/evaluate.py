@@ -11,7 +11,6 @@ folder next to the SAE folder (`<log_dir>/eval` for an SAE exported at the end o
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import logging
@@ -20,15 +19,18 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from jsonargparse import ArgumentParser
 
+from sae_lit.evals.compat import check_sae_matches_data, hook_name_of
 from sae_lit.evals.report import close_figures, log_tensorboard, write_report
 from sae_lit.evals.suite import EvalConfig, data_from_datamodule, run_suite
 
-log = logging.getLogger(__name__)
 DEFAULT_DATA = "sae_lit.data.datamodule.ActivationDataModule"
 
 
-def _read_config(path: str) -> dict:
+def read_yaml_config(path: str) -> dict:
+    """A training config file (LightningCLI YAML) as a dict; names the file when it is missing or
+    not a mapping."""
     import yaml
 
     p = Path(path)
@@ -76,7 +78,7 @@ def evaluate(sae_dir: str, config_path: str, out_dir: str | None = None, device:
     from sae_lit.data.subject import resolve_device
 
     start = time.perf_counter()
-    cfg = _read_config(config_path)
+    cfg = read_yaml_config(config_path)
     eval_cfg = eval_cfg or EvalConfig(**eval_defaults_from_config(cfg))
     dev = resolve_device(device)
     sae = load_sae(sae_dir, device=dev)
@@ -85,15 +87,9 @@ def evaluate(sae_dir: str, config_path: str, out_dir: str | None = None, device:
         dm.prepare_data()
     if hasattr(dm, "setup"):
         dm.setup("test")
-    d_in = getattr(dm, "d_in", None)
-    if d_in is not None and int(d_in) != sae.d_in:
-        raise ValueError(f"{sae_dir}/cfg.json has d_in={sae.d_in} but the data of {config_path} has d_in={d_in}: "
-                         f"the SAE was trained on another model or hookpoint.")
-    sae_hook = (getattr(sae, "export_cfg", {}).get("metadata") or {}).get("hook_name")
     manifest = getattr(dm, "manifest", None) or {}
-    if sae_hook and manifest.get("hook_name") and sae_hook != manifest["hook_name"]:
-        log.warning("%s was exported for hook %s but %s caches %s; evaluating anyway.", sae_dir, sae_hook,
-                    config_path, manifest["hook_name"])
+    check_sae_matches_data(sae.d_in, hook_name_of(sae), getattr(dm, "d_in", None), manifest.get("hook_name"),
+                           sae_name=f"the SAE {sae_dir}", data_name=f"the data of {config_path}")
     data = data_from_datamodule(dm, eval_cfg, device=dev)
     report, figures = run_suite(sae, data, eval_cfg)
     report.update(stage="evaluate", sae_dir=str(sae_dir), config_file=str(config_path),
@@ -134,22 +130,36 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    from jsonargparse import ArgumentParser
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m sae_lit.evals", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    # A training config, read for its data: section and EvalSuite callback; not a config file of
+    # this command (so no ActionConfigFile).
+    p.add_argument("--config", required=True, help="training config whose data: section names model, hookpoint, cache")
+    p.add_argument("--out", default=None, help="output folder (default: eval/ next to the SAE folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_class_arguments(EvalConfig, "evals", help="eval budgets (default: the --config file's EvalSuite callback, "
+                          "else the values shown)")
+    return p
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    parser = ArgumentParser(prog="python -m sae_lit.evals", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
-    parser.add_argument("--config", required=True, help="training config whose data: section names model, hookpoint, cache")
-    parser.add_argument("--out", default=None, help="output folder (default: eval/ next to the SAE folder)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_class_arguments(EvalConfig, "evals")
-    if known.config and Path(known.config).is_file():
-        defaults = eval_defaults_from_config(_read_config(known.config))
-        parser.set_defaults({f"evals.{k}": v for k, v in defaults.items()})
-    args = parser.parse_args(argv)
+
+def parse(argv: Sequence[str] | None = None):
+    """The command line over the --config file's EvalSuite budgets over EvalConfig's defaults.
+
+    Parsed once without defaults, so what the command line sets is known; the callback's
+    budgets then fill in the `evals.*` keys it left out (they depend on --config, so they
+    cannot be parser defaults up front)."""
+    p = parser()
+    given = p.parse_args(argv, defaults=False)
+    budgets = eval_defaults_from_config(read_yaml_config(given.config))
+    p.set_defaults({f"evals.{k}": v for k, v in budgets.items()})
+    args = p.get_defaults()
+    args.update(given)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_cfg = EvalConfig(**{f.name: args.evals[f.name] for f in dataclasses.fields(EvalConfig)})
     with torch.no_grad():  # scoped: main() is also called in-process (tests, notebooks)
