@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sae_lit.data import shards as sh
-from sae_lit.dashboard import build_dashboard
+from sae_lit.dashboard import DashboardConfig, build_dashboard
 
 
 def random_sae(cache: str, num_latents: int, out: Path) -> Path:
@@ -46,7 +46,8 @@ def main() -> None:
         sae = random_sae(args.cache, args.num_latents, Path(tmp) / "sae") if args.num_latents else args.sae
         out = args.out or str(Path(tmp) / "site")
         start = time.perf_counter()
-        build_dashboard(sae, args.cache, out, split=args.split, precision=args.precision, progress=False)
+        build_dashboard(DashboardConfig(sae=str(sae), cache=args.cache, out=out, split=args.split, precision=args.precision,
+                                        progress=False))
         wall = time.perf_counter() - start
         size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
         print(f"{wall:.1f} s wall, {torch.get_num_threads()} torch threads, site {size / 2**20:.0f} MiB")

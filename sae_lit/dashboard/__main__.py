@@ -1,18 +1,20 @@
-"""python -m sae_lit.dashboard --sae DIR --cache DIR --out DIR [--eval_report FILE] [--config FILE]"""
+"""python -m sae_lit.dashboard --sae DIR --cache DIR --out DIR [--eval-report FILE] [--config FILE]"""
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from sae_lit.dashboard.build import build_dashboard
+from sae_lit.dashboard.build import DashboardConfig, build_dashboard
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m sae_lit.dashboard", description=build_dashboard.__doc__.split("\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    p.add_function_arguments(build_dashboard)
+    p.add_class_arguments(DashboardConfig, as_group=False)
     return p
 
 
@@ -24,12 +26,10 @@ def _underscores(arg: str) -> str:
     return "--" + name.replace("-", "_") + eq + value
 
 
-def main(argv: Sequence[str] | None = None):
+def main(argv: Sequence[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [_underscores(a) for a in argv]
-    cfg = parser().parse_args(argv)
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k != "config" and not k.startswith("__")}
-    return build_dashboard(**kwargs)
+    args = parser().parse_args([_underscores(a) for a in argv]).as_dict()
+    return build_dashboard(DashboardConfig(**{f.name: args[f.name] for f in dataclasses.fields(DashboardConfig)}))
 
 
 if __name__ == "__main__":

@@ -6,22 +6,24 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_lit.data import shards as sh
+from sae_lit.dashboard.render import write_site
 from sae_lit.dashboard.stats import LatentStats
+from sae_lit.data import shards as sh
 from sae_lit.data.streams import RowFilter
+from sae_lit.evals.compat import check_sae_matches_data, hook_name_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DashboardData:
-    """Everything the pages show; produced by ``collect``, consumed by ``render.write_site``."""
+    """Everything the pages show; put together by ``build_dashboard``, written by ``render.write_site``."""
 
     stats: LatentStats
     tokens: np.ndarray  # [blocks, T] int32, blocks in the order scanned
@@ -223,35 +225,15 @@ def token_decoder(tokenizer) -> Callable[[int], str]:
 # --- the whole build -----------------------------------------------------------------------------
 
 
-def build_dashboard(
-    sae: str,
-    cache: str,
-    out: str,
-    eval_report: str | None = None,
-    split: str = "val",
-    top_n: int = 20,
-    samples_per_band: int = 4,
-    bands_shown: int = 5,
-    context_left: int = 24,
-    context_right: int = 8,
-    max_tokens: int | None = None,
-    exclude_bos: bool = True,
-    exclude_outliers: bool = True,
-    logits: bool = True,
-    num_logits: int = 10,
-    model: str | None = None,
-    precision: str = "auto",
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-) -> Path:
-    """Build the static latent dashboard of an SAE on a cached activation split.
+@dataclass
+class DashboardConfig:
+    """What to build the dashboard of, and how (python -m sae_lit.dashboard, configs/dashboard.yaml).
 
     Args:
         sae: exported SAE folder (SAELens layout, cfg.json + sae_weights.safetensors).
         cache: activation cache folder (manifest.json + shards) built for the SAE's model and hookpoint.
         out: output folder; index.html, style.css and latents/<id>.html are written there.
-        eval_report: optional eval report.json (or n2g_explanations.json) with N2G explanations.
+        eval_report: eval report.json (or n2g_explanations.json) with N2G explanations; None: no N2G.
         split: cache split to scan ("val" or "train").
         top_n: top-activating contexts kept per latent.
         samples_per_band: random contexts kept per latent and octave of activation value.
@@ -259,76 +241,121 @@ def build_dashboard(
         context_left: tokens shown before the activating token.
         context_right: tokens shown after it.
         max_tokens: stop after this many tokens of the split (whole blocks); None scans it all.
-        exclude_bos: leave each block's BOS position out of the statistics, as training and
-            validation do (ActivationDataModule's default).
-        exclude_outliers: leave massive-activation outliers (norm above the cache's threshold)
-            out too, as training and validation do.
+        exclude_bos: leave each block's BOS position out of the statistics, as training and validation do.
+        exclude_outliers: leave massive-activation outliers (norm above the cache's threshold) out too.
         logits: compute each latent's logit effect (loads the subject model).
         num_logits: promoted / suppressed tokens listed per latent.
-        model: subject model for the tokenizer and unembedding; default: the one in the cache's manifest.
+        model: subject model for the tokenizer and unembedding; None: the one in the cache's manifest.
         precision: encoder GEMM precision: "auto", "float32" or "bfloat16" (see make_encoder).
         device: where the SAE encodes ("cpu", "cuda", ...).
         seed: seeds the random samples.
         progress: show progress bars.
     """
-    from sae_lit.dashboard.render import write_site
+
+    sae: str
+    cache: str
+    out: str
+    eval_report: str | None = None
+    split: str = "val"
+    top_n: int = 20
+    samples_per_band: int = 4
+    bands_shown: int = 5
+    context_left: int = 24
+    context_right: int = 8
+    max_tokens: int | None = None
+    exclude_bos: bool = True
+    exclude_outliers: bool = True
+    logits: bool = True
+    num_logits: int = 10
+    model: str | None = None
+    precision: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Inputs:
+    """Everything the build reads before the scan, so that a wrong path fails before a long pass."""
+
+    manifest: dict  # the cache's manifest.json
+    sae: Any  # the SAE (sae_lit.model.formats.load_sae)
+    tokenizer: Any  # the subject model's tokenizer
+    n2g: dict[int, dict]  # N2G explanations per latent (none without an eval report)
+
+
+def load_inputs(cfg: DashboardConfig) -> Inputs:
+    from sae_lit.data.subject import load_tokenizer
     from sae_lit.model.formats import load_sae
-    from sae_lit.data.subject import load_model, load_tokenizer
 
-    start = time.perf_counter()
-    manifest = sh.read_manifest(cache)
+    manifest = sh.read_manifest(cfg.cache)
     if manifest is None or not manifest.get("complete"):
-        raise sh.CacheError(f"{cache}: no complete activation cache (manifest.json with complete: true)")
-    sae_model = load_sae(sae, device=device)
-    if sae_model.d_in != int(manifest["d_in"]):
-        raise ValueError(f"the SAE takes d_in={sae_model.d_in} but {cache} holds d_in={manifest['d_in']} activations")
-    meta = (getattr(sae_model, "export_cfg", None) or {}).get("metadata", {})
-    hook = meta.get("hook_name")
-    if hook and manifest.get("hook_name") and hook != manifest["hook_name"]:
-        log.warning("the SAE was trained on %s but the cache holds %s activations", hook, manifest["hook_name"])
+        raise sh.CacheError(f"{cfg.cache}: no complete activation cache (manifest.json with complete: true)")
+    sae = load_sae(cfg.sae, device=cfg.device)
+    check_sae_matches_data(sae.d_in, hook_name_of(sae), int(manifest["d_in"]), manifest.get("hook_name"),
+                           sae_name=f"the SAE {cfg.sae}", data_name=f"the cache {cfg.cache}")
+    tokenizer = load_tokenizer(cfg.model or manifest["model"])
+    n2g = load_n2g(cfg.eval_report) if cfg.eval_report else {}
+    return Inputs(manifest=manifest, sae=sae, tokenizer=tokenizer, n2g=n2g)
 
-    stats, tokens, blocks, used = scan(
-        sae_model, cache, manifest, split, top_n=top_n, samples=samples_per_band, left=context_left,
-        right=context_right, exclude_bos=exclude_bos, exclude_outliers=exclude_outliers, max_tokens=max_tokens,
-        precision=precision, device=device, seed=seed, progress=progress,
-    )
-    scanned = time.perf_counter()
-    model_spec = model or manifest["model"]
-    tokenizer = load_tokenizer(model_spec)
-    effects = None
-    if logits:
-        subject = load_model(model_spec, "cpu", "float32")
-        effects = logit_effects(subject, sae_model.W_dec, num_logits,
-                                dtype=torch.bfloat16 if used == "bfloat16" else torch.float32)
-        del subject
-    n2g = load_n2g(eval_report) if eval_report else {}
-    cfg = getattr(sae_model, "export_cfg", {}) or {}
+
+def subject_logit_effects(model: str, W_dec: torch.Tensor, m: int = 10, dtype=torch.float32) -> dict:
+    """``logit_effects`` of the subject model, loaded for it (CPU, float32) and released after."""
+    from sae_lit.data.subject import load_model
+
+    return logit_effects(load_model(model, "cpu", "float32"), W_dec, m, dtype=dtype)
+
+
+def site_info(cfg: DashboardConfig, inputs: Inputs, stats: LatentStats, blocks: list[dict], precision: str) -> dict:
+    """The index page's title and facts (SAE, cache, what was scored)."""
+    manifest, sae = inputs.manifest, inputs.sae
+    export_cfg = getattr(sae, "export_cfg", {}) or {}
     title = f"{manifest.get('model_name', manifest['model'])} · {manifest.get('hook_name', manifest['hookpoint'])} · " \
-            f"{sae_model.num_latents:,} latents"
+            f"{sae.num_latents:,} latents"
     facts = {
-        "SAE": str(sae),
-        "architecture": f"{cfg.get('architecture', sae_model.activation)}"
-                        + (f", k = {sae_model.k}" if sae_model.activation == "topk" else ""),
-        "d_in × latents": f"{sae_model.d_in} × {sae_model.num_latents:,}",
+        "SAE": str(cfg.sae),
+        "architecture": f"{export_cfg.get('architecture', sae.activation)}"
+                        + (f", k = {sae.k}" if sae.activation == "topk" else ""),
+        "d_in × latents": f"{sae.d_in} × {sae.num_latents:,}",
         "model": str(manifest.get("model_name", manifest["model"])),
         "hookpoint": f"{manifest['hookpoint']} ({manifest.get('hook_name', '')})",
-        "cache": f"{cache} ({split} split, {len(blocks):,} blocks of {manifest['context_length']} tokens)",
-        "scored": f"{stats.tokens_scored:,} tokens" + (" (BOS excluded" if exclude_bos else " (BOS included")
-                  + (", outliers excluded)" if exclude_outliers and manifest.get("outlier_threshold") else ")"),
-        "encoder precision": used,
-        "N2G report": str(eval_report) if eval_report else "none",
+        "cache": f"{cfg.cache} ({cfg.split} split, {len(blocks):,} blocks of {manifest['context_length']} tokens)",
+        "scored": f"{stats.tokens_scored:,} tokens" + (" (BOS excluded" if cfg.exclude_bos else " (BOS included")
+                  + (", outliers excluded)" if cfg.exclude_outliers and manifest.get("outlier_threshold") else ")"),
+        "encoder precision": precision,
+        "N2G report": str(cfg.eval_report) if cfg.eval_report else "none",
     }
-    data = DashboardData(
-        stats=stats, tokens=tokens, blocks=blocks,
-        info={"title": title, "facts": facts, "bands_shown": bands_shown},
-        logits=effects, n2g=n2g,
-        decode=token_decoder(tokenizer),
-        special_ids=frozenset(getattr(tokenizer, "all_special_ids", []) or []),
-    )
+    return {"title": title, "facts": facts, "bands_shown": cfg.bands_shown}
+
+
+def build_dashboard(cfg: DashboardConfig) -> Path:
+    """Build the static latent dashboard of an SAE on a cached activation split.
+
+    In named steps: load_inputs, scan, subject_logit_effects, site_info, render.write_site.
+    Returns the index page."""
+    start = time.perf_counter()
+    inputs = load_inputs(cfg)
     loaded = time.perf_counter()
-    index = write_site(data, out, progress=progress)
+    stats, tokens, blocks, precision = scan(
+        inputs.sae, cfg.cache, inputs.manifest, cfg.split, top_n=cfg.top_n, samples=cfg.samples_per_band,
+        left=cfg.context_left, right=cfg.context_right, exclude_bos=cfg.exclude_bos,
+        exclude_outliers=cfg.exclude_outliers, max_tokens=cfg.max_tokens, precision=cfg.precision,
+        device=cfg.device, seed=cfg.seed, progress=cfg.progress,
+    )
+    scanned = time.perf_counter()
+    effects = None
+    if cfg.logits:
+        effects = subject_logit_effects(cfg.model or inputs.manifest["model"], inputs.sae.W_dec, cfg.num_logits,
+                                        dtype=torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    logits_done = time.perf_counter()
+    data = DashboardData(
+        stats=stats, tokens=tokens, blocks=blocks, info=site_info(cfg, inputs, stats, blocks, precision),
+        logits=effects, n2g=inputs.n2g, decode=token_decoder(inputs.tokenizer),
+        special_ids=frozenset(getattr(inputs.tokenizer, "all_special_ids", []) or []),
+    )
+    index = write_site(data, cfg.out, progress=cfg.progress)
     done = time.perf_counter()
     print(f"dashboard: {stats.tokens_scored:,} tokens, {stats.num_latents:,} latents -> {index}\n"
-          f"  wall time {done - start:.1f} s (scan {scanned - start:.1f} s, model/tokenizer/logits "
-          f"{loaded - scanned:.1f} s, pages {done - loaded:.1f} s)")
+          f"  wall time {done - start:.1f} s (SAE/tokenizer/N2G {loaded - start:.1f} s, scan {scanned - loaded:.1f} s, "
+          f"model/logits {logits_done - scanned:.1f} s, pages {done - logits_done:.1f} s)")
     return index

@@ -14,7 +14,8 @@ import numpy as np
 
 from sae_lit.dashboard.assets import INDEX_JS, STYLE
 from sae_lit.dashboard.stats import HIST_PER_OCTAVE, LOG2_LO, NUM_BANDS
-from sae_lit.dashboard.svg import density_svg, fmt, histogram_svg
+from sae_lit.common import fmt
+from sae_lit.dashboard.svg import density_svg, histogram_svg
 
 _CONTROL = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 
@@ -99,11 +100,11 @@ def context_html(tokens: np.ndarray, T: int, tok_id: int, window: np.ndarray, le
             # unquoted attributes: these spans are most of a page's bytes
             alpha = 0.12 + 0.88 * min(a / scale, 1.0) if scale > 0 else 1.0
             cls = '"a m"' if t == p else "a"
-            parts.append(f"<span class={cls} style=--a:{alpha:.2f} title={fmt(a)}>{text}</span>")
+            parts.append(f"<span class={cls} style=--a:{alpha:.2f} title={fmt(a, 3)}>{text}</span>")
         else:
             parts.append(text)
     doc, where = source
-    return (f'<div class="ctx"><span class="v">{fmt(value)}</span><span class="src" title="{html.escape(doc)} · {where}">'
+    return (f'<div class="ctx"><span class="v">{fmt(value, 3)}</span><span class="src" title="{html.escape(doc)} · {where}">'
             f'{html.escape(doc)}</span><span class="txt">{"".join(parts)}</span></div>')
 
 
@@ -168,8 +169,8 @@ def latent_page(data, j: int, names: Tokens) -> str:
     out.append(
         '<div class="cards">'
         f'<div class="card"><b>{pct(density)}</b><span>density ({count:,} of {st.tokens_scored:,} tokens)</span></div>'
-        f'<div class="card"><b>{fmt(mx)}</b><span>max activation</span></div>'
-        f'<div class="card"><b>{fmt(mean)}</b><span>mean when firing</span></div></div>'
+        f'<div class="card"><b>{fmt(mx, 3)}</b><span>max activation</span></div>'
+        f'<div class="card"><b>{fmt(mean, 3)}</b><span>mean when firing</span></div></div>'
     )
     ex = data.n2g.get(j)
     if ex:
@@ -227,8 +228,8 @@ def _bands_html(data, j: int, mx: float, names: Tokens) -> str:
         wins = st.samples.fields["window"][g].float().numpy()
         order = sorted((s for s in range(S) if toks[s] >= 0), key=lambda s: -float(vals[s]))
         lo, hi = 2.0 ** (b + LOG2_LO), 2.0 ** (b + LOG2_LO + 1)
-        lo_s = "0" if b == 0 else fmt(lo)
-        hi_s = "∞" if b == NUM_BANDS - 1 else fmt(hi)
+        lo_s = "0" if b == 0 else fmt(lo, 3)
+        hi_s = "∞" if b == NUM_BANDS - 1 else fmt(hi, 3)
         rows = "".join(
             context_html(data.tokens, st.T, int(toks[s]), wins[s], st.left, mx, float(vals[s]),
                          source_label(data.blocks, int(toks[s]), st.T), names)

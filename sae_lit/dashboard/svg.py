@@ -7,13 +7,8 @@ import math
 
 import numpy as np
 
+from sae_lit.common import fmt
 from sae_lit.dashboard.stats import HIST_PER_OCTAVE, bin_edges
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:.{digits}g}"
 
 
 def histogram_svg(counts: np.ndarray, title: str = "", width: int = 540, height: int = 180) -> str:
@@ -46,7 +41,7 @@ def histogram_svg(counts: np.ndarray, title: str = "", width: int = 540, height:
         x = ml + (i - lo) * bw
         parts.append(
             f'<rect class="bar" x="{x + 0.5:.1f}" y="{mt + ph - h:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{h:.1f}">'
-            f"<title>[{fmt(edges[i])}, {fmt(edges[i + 1])}): {c}</title></rect>"
+            f"<title>[{fmt(edges[i], 3)}, {fmt(edges[i + 1], 3)}): {c}</title></rect>"
         )
     parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" stroke="#98a2b3"/>')
     for i in range(lo, hi + 1):
