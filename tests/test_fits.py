@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sae_lit.analysis import fits
+from sae_lit.common import save_figure
 
 PAPER_NK = (-0.50, 0.26, -0.017, -0.042, -1.32, -0.085)  # (α, β_k, β_n, γ, ζ, η), PAPER.md
 
@@ -195,17 +196,17 @@ def test_select_compares_numbers_as_floats():
 def test_plots_save_png_and_tensorboard(tmp_path):
     n, k, L = nk_grid(ks=(16, 64))
     fig = fits.plot_nk(n, k, L, fits.fit_nk(n, k, L))
-    assert fits.save_figure(fig, tmp_path / "nk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_figure(fig, tmp_path / "nk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     x = np.geomspace(1e3, 1e6, 5)
-    fits.save_figure(fits.plot_power_law(x, 3 * x**0.6, xlabel="n", ylabel="tokens"), tmp_path / "pl.png")
+    save_figure(fits.plot_power_law(x, 3 * x**0.6, xlabel="n", ylabel="tokens"), tmp_path / "pl.png")
     assert (tmp_path / "pl.png").stat().st_size > 1000
 
     results, curves = make_sweep(tmp_path)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tmp_path / "tb"))
-    fits.save_figure(fits.plot_frontier(fits.compute_frontier(curves, results)), tmp_path / "out" / "frontier.png",
+    save_figure(fits.plot_frontier(fits.compute_frontier(curves, results)), tmp_path / "out" / "frontier.png",
                      tb_writer=writer, tag="fits/frontier")
     writer.close()
     assert (tmp_path / "out" / "frontier.png").exists()

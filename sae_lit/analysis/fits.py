@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import curve_fit
+
+from sae_lit.common import log_axes
 
 Row = Mapping[str, object]
 
@@ -403,17 +404,6 @@ def best_lr_per_n(results: Iterable[Row], interpolate: bool = False) -> BestLR:
 
 # ----------------------------------------------------------------------------- plots
 
-def _fig(title: str | None) -> tuple[Figure, object]:
-    # A bare Figure (no pyplot): no global state, no GUI backend; savefig renders with Agg.
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    ax.set(xscale="log", yscale="log")
-    ax.grid(True, which="both", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=9)
-    return fig, ax
-
-
 def _finish(ax, xlabel: str, ylabel: str) -> Figure:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend(fontsize=7)
@@ -423,7 +413,7 @@ def _finish(ax, xlabel: str, ylabel: str) -> Figure:
 def plot_nk(n, k, L, fit: NKFit | None = None, title: str | None = None) -> Figure:
     """L vs n on log-log axes, one colour per k: data points and (if given) the fitted law."""
     n, k, L = _clean(n, k, L)
-    fig, ax = _fig(title or (f"L(n, k) fit, R²(log) = {fit.r2:.4f}" if fit else "L(n, k)"))
+    fig, ax = log_axes(title or (f"L(n, k) fit, R²(log) = {fit.r2:.4f}" if fit else "L(n, k)"))
     ks = np.unique(k)
     cmap = matplotlib.colormaps["viridis"]
     grid = np.geomspace(n.min(), n.max(), 100)
@@ -438,7 +428,7 @@ def plot_nk(n, k, L, fit: NKFit | None = None, title: str | None = None) -> Figu
 
 def plot_frontier(fr: Frontier, title: str | None = None) -> Figure:
     """All validation points (faint), the lower envelope, and the L(C) fit on it."""
-    fig, ax = _fig(title or "compute frontier")
+    fig, ax = log_axes(title or "compute frontier")
     ax.plot(fr.flops, fr.nmse, ".", color="0.6", alpha=0.3, ms=3, label="validation points")
     ax.step(fr.frontier_flops, fr.frontier_nmse, where="post", color="C0", lw=1.2, label="frontier")
     ax.plot(fr.frontier_flops, fr.frontier_nmse, "o", color="C0", ms=3)
@@ -459,19 +449,8 @@ def plot_power_law(x, y, fit: PowerLawFit | PowerLawFloorFit | None = None, xlab
         fit = fit_power_law(x, y)
     sign = "-" if isinstance(fit, PowerLawFloorFit) else ""
     desc = f"exponent {sign}{fit.params['b']:.3g} ± {fit.stderr['b']:.2g}, R²(log) = {fit.r2:.3f}, {fit.n_points} points"
-    fig, ax = _fig(f"{title}: {desc}" if title else desc)
+    fig, ax = log_axes(f"{title}: {desc}" if title else desc)
     ax.plot(x, y, "o", ms=4, label="data")
     grid = np.geomspace(x.min(), x.max(), 100)
     ax.plot(grid, fit.predict(grid), "-", color="C3", label=fit.formula)
     return _finish(ax, xlabel, ylabel)
-
-
-def save_figure(fig: Figure, path, tb_writer=None, tag: str | None = None, step: int = 0) -> Path:
-    """Save ``fig`` as a small PNG (dpi 100) and, given a tensorboard SummaryWriter, log it
-    with ``add_figure`` under ``tag`` (default: the file stem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    if tb_writer is not None:
-        tb_writer.add_figure(tag or path.stem, fig, global_step=step, close=False)
-    return path
