@@ -5,10 +5,10 @@ the same activations with the same (n, k, tokens, lr schedule).
     python benchmarks/quality_vs_reference.py --config configs/quickstart.yaml --sae logs/quickstart/lightning_logs/version_0/sae
 
     # the reproduction report's k = 8 dead-latent run (AuxK on), ours and the reference:
-    python main.py fit --config configs/sweeps/base_cpu.yaml --model.num_latents=8192 --model.k=8 \
+    python main.py fit --config configs/sweeps/base_cpu.yaml --model.sae.num_latents=8192 --model.sae.k=8 \
         --model.lr=0.00099 --trainer.default_root_dir=logs/k8
     python benchmarks/quality_vs_reference.py --config configs/sweeps/base_cpu.yaml \
-        --override model.num_latents=8192 --override model.k=8 --override model.lr=0.00099 \
+        --override model.sae.num_latents=8192 --override model.sae.k=8 --override model.lr=0.00099 \
         --sae logs/k8/lightning_logs/version_0/sae
 
 The reference below is written from the paper's equations with plain dense autograd and
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--config", required=True, nargs="+")
     ap.add_argument("--sae", required=True, help="our exported SAE folder from the same config")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override as given to main.py, e.g. model.k=8 (repeatable)")
+                    help="a config override as given to main.py, e.g. model.sae.k=8 (repeatable)")
     args = ap.parse_args()
     cli_args = [a for c in args.config for a in ("--config", c)] + [f"--{o}" for o in args.override]
     cli = cli_main(cli_args, run=False)

@@ -95,3 +95,29 @@ def tiny_cache_kwargs(cache_dir, model_dir, corpus) -> dict:
 @pytest.fixture
 def cache_kwargs(tmp_path, tiny_model_dir, tiny_corpus):
     return tiny_cache_kwargs(tmp_path / "cache", tiny_model_dir, tiny_corpus)
+
+
+def make_datamodule(cache_kwargs: dict, **kw):
+    """ActivationDataModule from flat keyword arguments: CacheConfig fields go into its
+    ``cache``, the rest to the data module."""
+    import dataclasses
+
+    from sae_lit.data.cache import CacheConfig
+    from sae_lit.data.datamodule import ActivationDataModule
+
+    names = {f.name for f in dataclasses.fields(CacheConfig)}
+    args = {**cache_kwargs, **kw}
+    cache = CacheConfig(**{k: v for k, v in args.items() if k in names})
+    return ActivationDataModule(cache, **{k: v for k, v in args.items() if k not in names})
+
+
+def sae_module(**kw):
+    """SAEModule from flat keyword arguments: SAEConfig fields go into its ``sae``."""
+    import dataclasses
+
+    from sae_lit.model.sae import SAEConfig
+    from sae_lit.training.module import SAEModule
+
+    names = {f.name for f in dataclasses.fields(SAEConfig)}
+    return SAEModule(SAEConfig(**{k: v for k, v in kw.items() if k in names}),
+                     **{k: v for k, v in kw.items() if k not in names})

@@ -11,6 +11,7 @@ from sae_lit.data.datamodule import ActivationDataModule
 from sae_lit.evals.suite import EvalConfig
 from sae_lit.training.module import SAEModule
 from sae_lit.data.synthetic import SyntheticActivationDataModule
+from conftest import make_datamodule, sae_module
 
 
 def _trainer(tmp_path, callbacks, max_steps=4, val_every=2):
@@ -22,11 +23,11 @@ def _trainer(tmp_path, callbacks, max_steps=4, val_every=2):
 
 
 def _module(d_in):
-    return SAEModule(d_in=d_in, num_latents=64, k=4, warmup_steps=1, lr=1e-3, init_sample_size=256, histogram_every_n_steps=0)
+    return sae_module(d_in=d_in, num_latents=64, k=4, warmup_steps=1, lr=1e-3, init_sample_size=256, histogram_every_n_steps=0)
 
 
 def test_suite_every_n_validations_tensorboard_and_report(tmp_path, cache_kwargs):
-    dm = ActivationDataModule(**cache_kwargs, batch_size=64, progress=False)
+    dm = make_datamodule(cache_kwargs, batch_size=64, progress=False)
     suite = EvalSuite(every_n_validations=2, config=EvalConfig(
         evals=["downstream", "shrinkage", "progressive"], downstream_contexts=2, activation_tokens=64, calibration_tokens=64))
     calls = []

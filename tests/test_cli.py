@@ -37,8 +37,8 @@ def test_every_config_builds_and_fast_dev_runs(config, tmp_path):
     tiny synthetic data module (the real data of gpt2-small etc. cannot be fetched here)."""
     args = ["fit", "--config", str(config), *SYNTHETIC, "--trainer.fast_dev_run=true",
             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
-            "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}", "--model.num_latents=256",
-            "--model.k=8"]
+            "--trainer.strategy=auto", f"--trainer.default_root_dir={tmp_path}", "--model.sae.num_latents=256",
+            "--model.sae.k=8"]
     cli_main(args)
 
 
@@ -48,7 +48,7 @@ def test_every_preset_builds_on_top_of_tiny(preset, tmp_path):
     cli = cli_main(["--config", "configs/tiny.yaml", "--config", str(preset), "--trainer.accelerator=cpu",
                     "--trainer.precision=32-true", "--trainer.devices=1", "--trainer.strategy=auto",
                     f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert cli.model.hparams.d_in == 64
+    assert cli.model.sae.d_in == 64
 
 
 @pytest.mark.gpu
@@ -76,4 +76,4 @@ def test_data_sections_match_their_class(config):
 def test_quickstart_builds_the_real_data_module(tmp_path):
     cli = cli_main(["--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert type(cli.datamodule).__name__ == "ActivationDataModule"
-    assert cli.datamodule.d_in == cli.model.hparams.d_in == 576  # SmolLM2-135M, from the GGUF config
+    assert cli.datamodule.d_in == cli.model.sae.d_in == 576  # SmolLM2-135M, from the GGUF config

@@ -9,10 +9,11 @@ import torch
 from sae_lit.data import shards as sh
 from sae_lit.data import streams
 from sae_lit.data.datamodule import ActivationDataModule
+from conftest import make_datamodule
 
 
 def _dm(cache_kwargs, rank=None, world=None, **kw):
-    dm = ActivationDataModule(**{**cache_kwargs, "batch_size": 32, "shuffle_buffer": 128, "progress": False, **kw})
+    dm = make_datamodule(cache_kwargs, **{"batch_size": 32, "shuffle_buffer": 128, "progress": False, **kw})
     if rank is not None:
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)
     return dm

@@ -6,6 +6,7 @@ import torch
 
 from sae_lit.training.module import SAEModule
 from sae_lit.data.synthetic import SyntheticActivationDataModule
+from conftest import sae_module
 
 
 class _DumpPerRank(L.Callback):
@@ -21,7 +22,7 @@ class _DumpPerRank(L.Callback):
 
 
 def _module():
-    return SAEModule(d_in=32, num_latents=128, k=4, dead_tokens=1024, lr=2e-3, warmup_steps=2, seed=0)
+    return sae_module(d_in=32, num_latents=128, k=4, dead_tokens=1024, lr=2e-3, warmup_steps=2, seed=0)
 
 
 def _dm():

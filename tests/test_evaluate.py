@@ -10,6 +10,7 @@ from sae_lit.data.datamodule import ActivationDataModule
 from sae_lit.evals.evaluate import main
 from sae_lit.model.formats import export_sae
 from sae_lit.model.sae import TopKSAE
+from conftest import make_datamodule
 
 # Budgets small enough for a 16-token, 12-block validation split.
 TINY_EVALS = dict(
@@ -22,7 +23,7 @@ TINY_EVALS = dict(
 
 @pytest.fixture
 def exported(tmp_path, cache_kwargs):
-    dm = ActivationDataModule(**cache_kwargs, batch_size=64, progress=False)
+    dm = make_datamodule(cache_kwargs, batch_size=64, progress=False)
     dm.prepare_data()
     dm.setup("fit")
     sae = TopKSAE(dm.d_in, 64, k=4, seed=0)
@@ -30,7 +31,7 @@ def exported(tmp_path, cache_kwargs):
     out = export_sae(sae, tmp_path / "run" / "sae", metadata=dm.export_metadata())
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"class_path": "sae_lit.data.datamodule.ActivationDataModule", "init_args": {**cache_kwargs, "progress": False}},
+        "data": {"class_path": "sae_lit.data.datamodule.ActivationDataModule", "init_args": {"cache": cache_kwargs, "progress": False}},
         "trainer": {"callbacks": [{"class_path": "sae_lit.training.callbacks.EvalSuite", "init_args": {"config": TINY_EVALS}}]},
     }))
     return out, config
@@ -48,7 +49,7 @@ def test_evaluate_writes_full_report(exported, capsys):
     assert on_disk["errors"] == {}
     # the config used: budgets from the config file's EvalSuite callback, and the data section
     assert on_disk["config"]["n2g_latents"] == 4
-    assert on_disk["data_config"]["init_args"]["context_length"] == 16
+    assert on_disk["data_config"]["init_args"]["cache"]["context_length"] == 16
     assert (out / "eval_progressive_recovery.png").exists() and (out / "eval_probe_tasks.png").exists()
     assert (out / "n2g_explanations.json").exists()
     assert list(out.glob("events.out.tfevents.*"))

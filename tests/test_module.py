@@ -9,6 +9,7 @@ import torch
 from sae_lit.model.formats import export_sae, load_sae
 from sae_lit.training.module import SAEModule, default_lr
 from sae_lit.data.synthetic import SyntheticActivationDataModule
+from conftest import make_datamodule, sae_module
 
 
 def _trainer(tmp_path, max_steps=30, **kw):
@@ -22,7 +23,7 @@ def _trainer(tmp_path, max_steps=30, **kw):
 
 def _module(**kw):
     kw = {"num_latents": 256, "k": 8, "dead_tokens": 4096, "warmup_steps": 5, "lr": 2e-3, "histogram_every_n_steps": 20, **kw}
-    return SAEModule(d_in=32, **kw)
+    return sae_module(d_in=32, **kw)
 
 
 def _dm(**kw):
@@ -154,12 +155,12 @@ def test_resume_on_a_real_cache_is_exact(cache_kwargs, tmp_path):
     """The activation stream fast-forwards on resume: interrupted + resumed == uninterrupted."""
     from sae_lit.data.datamodule import ActivationDataModule
 
-    ActivationDataModule(**cache_kwargs, progress=False).prepare_data()
+    make_datamodule(cache_kwargs, progress=False).prepare_data()
 
     def run(steps, root, ckpt=None):
         L.seed_everything(0)
-        dm = ActivationDataModule(**cache_kwargs, batch_size=32, shuffle_buffer=64, progress=False)
-        model = SAEModule(d_in=dm.d_in, num_latents=64, k=4, dead_tokens=256, lr=2e-3, warmup_steps=2)
+        dm = make_datamodule(cache_kwargs, batch_size=32, shuffle_buffer=64, progress=False)
+        model = sae_module(d_in=dm.d_in, num_latents=64, k=4, dead_tokens=256, lr=2e-3, warmup_steps=2)
         trainer = _trainer(root, max_steps=steps, val_check_interval=4)
         trainer.fit(model, dm, ckpt_path=ckpt)
         return model, trainer

@@ -173,7 +173,7 @@ def test_training_step_same_with_and_without_native(monkeypatch, multi_topk, k_a
 def test_without_a_compiler_everything_falls_back(tmp_path):
     code = (
         "import warnings, torch\n"
-        "from sae_lit import native\n"
+        "from sae_lit.model import native\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    ok = native.available()\n"

@@ -9,12 +9,13 @@ from nbclient import NotebookClient
 from sae_lit.data.datamodule import ActivationDataModule
 from sae_lit.model.formats import export_sae
 from sae_lit.model.sae import TopKSAE
+from conftest import make_datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_walkthrough_runs(cache_kwargs, tmp_path, monkeypatch):
-    dm = ActivationDataModule(**cache_kwargs, batch_size=32, progress=False)
+    dm = make_datamodule(cache_kwargs, batch_size=32, progress=False)
     dm.prepare_data()
     dm.setup("fit")
     sae = TopKSAE(dm.d_in, 64, 4, seed=0)

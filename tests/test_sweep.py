@@ -1,4 +1,5 @@
 """Sweeps: expansion and naming, a tiny end-to-end sweep on synthetic data, resume, tables."""
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from sae_lit.analysis import sweep
+from sae_lit.model.sae import SAEConfig
 from sae_lit.training.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +19,8 @@ def _spec(tmp_path, groups):
         "root": str(tmp_path / "sweep"),
         "base_config": str(ROOT / "configs" / "tiny.yaml"),
         "common": {"trainer.max_steps": 12, "trainer.val_check_interval": 6, "trainer.enable_progress_bar": False,
-                   "model.num_latents": 128, "data.init_args.val_batches": 1, "data.init_args.batch_size": 256},
-        "defaults": {"model.activation": "topk", "model.num_latents": 128, "model.k": 8, "lr_mult": 1.0},
+                   "model.sae.num_latents": 128, "data.init_args.val_batches": 1, "data.init_args.batch_size": 256},
+        "defaults": {"model.sae.activation": "topk", "model.sae.num_latents": 128, "model.sae.k": 8, "lr_mult": 1.0},
         "lr_at_16k": 1e-3,
         "eval": {"activation_tokens": 256, "calibration_tokens": 256, "shrinkage_tokens": 64},
         "groups": groups,
@@ -30,8 +32,8 @@ def _spec(tmp_path, groups):
 
 def test_expand_dedupes_runs_shared_by_groups(tmp_path):
     spec = sweep.read_sweep(_spec(tmp_path, {
-        "a": {"grid": {"model.k": [4, 8]}},
-        "b": {"evals": ["shrinkage"], "runs": [{"model.k": 8}, {"model.k": 8, "model.activation": "relu"}]},
+        "a": {"grid": {"model.sae.k": [4, 8]}},
+        "b": {"evals": ["shrinkage"], "runs": [{"model.sae.k": 8}, {"model.sae.k": 8, "model.sae.activation": "relu"}]},
     }))
     runs = {r.name: r for r in sweep.expand(spec)}
     assert sorted(runs) == ["relu-n128-k8", "topk-n128-k4", "topk-n128-k8"]
@@ -43,8 +45,8 @@ def test_expand_dedupes_runs_shared_by_groups(tmp_path):
 
 def test_tiny_sweep_runs_resumes_and_writes_tables(tmp_path):
     path = _spec(tmp_path, {
-        "nk": {"grid": {"model.k": [4, 8]}},
-        "relu": {"evals": ["shrinkage"], "runs": [{"model.activation": "relu", "model.l1_coeff": 0.01}]},
+        "nk": {"grid": {"model.sae.k": [4, 8]}},
+        "relu": {"evals": ["shrinkage"], "runs": [{"model.sae.activation": "relu", "model.l1_coeff": 0.01}]},
     })
     rows = sweep.main(["--config", str(path)])
     assert len(rows) == 3
@@ -88,6 +90,7 @@ def test_shipped_sweeps_expand_to_known_settings(name):
     spec = sweep.read_sweep(ROOT / "configs" / "sweeps" / name)
     assert (ROOT / spec["base_config"]).is_file()
     params = set(inspect.signature(SAEModule.__init__).parameters)
+    params |= {f"sae.{f.name}" for f in dataclasses.fields(SAEConfig)}
     runs = sweep.expand(spec)
     assert len(runs) >= 10
     for r in runs:

@@ -12,6 +12,7 @@ from sae_lit.model.formats import export_sae, load_sae
 from sae_lit.training.module import SAEModule
 from sae_lit.model.sae import TopKSAE
 from sae_lit.data.synthetic import SyntheticActivationDataModule
+from conftest import sae_module
 
 
 def _sae(activation, n=64, d=16, k=4, **kw):
@@ -85,7 +86,7 @@ def test_matryoshka_loss_is_sum_over_nested_prefixes():
 @pytest.mark.parametrize("activation", ["topk", *DENSE_ACTIVATIONS])
 def test_variant_trains_logs_and_exports(activation, tmp_path):
     torch.manual_seed(0)
-    model = SAEModule(
+    model = sae_module(
         d_in=32, num_latents=128, k=8, activation=activation, l1_coeff=0.02, dead_tokens=2048,
         warmup_steps=5, lr=2e-3, histogram_every_n_steps=10,
     )
@@ -123,7 +124,7 @@ def test_untied_init_and_auxk_off_switches(alpha, tmp_path):
     sae = TopKSAE(16, 64, 4, tied_init=False, seed=0)
     assert not torch.equal(sae.W_enc, sae.W_dec)
     # dead_tokens=1: almost every latent counts as dead; only alpha decides whether AuxK runs.
-    model = SAEModule(d_in=32, num_latents=1024, k=4, auxk_alpha=alpha, dead_tokens=1, tied_init=False, warmup_steps=1)
+    model = sae_module(d_in=32, num_latents=1024, k=4, auxk_alpha=alpha, dead_tokens=1, tied_init=False, warmup_steps=1)
     dm = SyntheticActivationDataModule(d_in=32, num_features=128, batch_size=64)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)

@@ -175,7 +175,7 @@ class Report:
             body.append("AuxK's own settings (tied init on), from the `auxk_settings` group:\n\n" + table(
                 ["k", "settings", "dead (train)", "dead (val)", "NMSE"],
                 [[r["k"], ", ".join(f"{key.split('.')[-1]}={v}" for key, v in json.loads(r["settings"]).items()
-                                    if key in ("model.k_aux", "model.auxk_alpha") and v != 0.03125),
+                                    if key in ("model.sae.k_aux", "model.auxk_alpha") and v != 0.03125),
                   r["train/dead_frac_end"], r["val/dead_frac"], r["val/nmse"]] for r in variants]))
         self.add("2. Dead latents: tied init and AuxK", claim, body)
 

@@ -10,15 +10,15 @@ A sweep file names a base LightningCLI config and groups of runs:
     root: logs/sweeps/cpu                 # every run is <root>/runs/<name>, a normal log dir
     base_config: configs/quickstart.yaml  # trainer / model / data for every run
     common: {trainer.max_steps: 300}      # CLI overrides for every run
-    defaults: {model.num_latents: 4096, model.k: 32, model.activation: topk}
+    defaults: {model.sae.num_latents: 4096, model.sae.k: 32, model.sae.activation: topk}
     lr_at_16k: 7.0e-4                     # lr_mult runs: lr = lr_mult * lr_at_16k * sqrt(2^14 / n)
     eval: {downstream_contexts: 16}       # EvalConfig budgets shared by all runs
     groups:
       nk:                                 # one name per paper claim it serves
         evals: [downstream]
-        grid: {model.num_latents: [1024, 4096], model.k: [16, 32]}
+        grid: {model.sae.num_latents: [1024, 4096], model.sae.k: [16, 32]}
       baselines:
-        runs: [{model.activation: relu, model.l1_coeff: 0.003}]
+        runs: [{model.sae.activation: relu, model.l1_coeff: 0.003}]
 
 A group's runs are its ``runs`` (default: one empty run) crossed with its ``grid``. A run is
 identified by its settings merged over ``defaults``: the same settings in two groups train
@@ -45,10 +45,10 @@ from sae_lit.common import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-NAME_KEYS = ("model.activation", "model.num_latents", "model.k")
-SHORT = {"model.activation": "", "model.num_latents": "n", "model.k": "k", "model.lr": "lr", "lr_mult": "lrx",
-         "model.l1_coeff": "l1", "model.multi_topk": "multi", "model.tied_init": "tied", "model.auxk_alpha": "auxk",
-         "model.b_dec_init": "bdec", "trainer.max_steps": "steps", "model.dead_tokens": "dead"}
+NAME_KEYS = ("model.sae.activation", "model.sae.num_latents", "model.sae.k")
+SHORT = {"model.sae.activation": "", "model.sae.num_latents": "n", "model.sae.k": "k", "model.lr": "lr", "lr_mult": "lrx",
+         "model.l1_coeff": "l1", "model.sae.multi_topk": "multi", "model.sae.tied_init": "tied", "model.auxk_alpha": "auxk",
+         "model.sae.b_dec_init": "bdec", "trainer.max_steps": "steps", "model.dead_tokens": "dead"}
 SWEEP_KEYS = {"lr_mult"}  # settings the sweep interprets itself (not passed to the CLI)
 
 
@@ -118,7 +118,7 @@ def cli_overrides(run: Run, spec: dict) -> dict:
     """The CLI overrides of a run: common ones, then its settings; lr_mult becomes model.lr."""
     over = {**(spec.get("common") or {}), **{k: v for k, v in run.settings.items() if k not in SWEEP_KEYS}}
     if "lr_mult" in run.settings:
-        n = int(over["model.num_latents"])
+        n = int(over["model.sae.num_latents"])
         over["model.lr"] = float(run.settings["lr_mult"]) * float(spec["lr_at_16k"]) * math.sqrt(2**14 / n)
     return over
 
@@ -142,17 +142,17 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
     full = L.Trainer(accelerator=trainer.accelerator, devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=1.0, enable_checkpointing=False)
     final = full.validate(model, datamodule=dm, verbose=False)[0]
-    hp = model.hparams
+    hp, sae = model.hparams, model.sae.cfg
     batch = int(getattr(dm, "batch_size", 0) or 0)
     tokens = int(model.tokens_seen)
     dead_train = float((model.tokens_since_fired >= hp.dead_tokens).float().mean())
     row = {
         "run": run.name, "groups": ";".join(run.groups), "log_dir": trainer.log_dir,
-        "activation": hp.activation, "num_latents": hp.num_latents, "k": hp.k, "d_in": hp.d_in,
-        "lr": model.lr, "l1_coeff": hp.l1_coeff, "multi_topk": hp.multi_topk, "tied_init": hp.tied_init,
-        "auxk_alpha": hp.auxk_alpha, "b_dec_init": hp.b_dec_init, "dead_tokens": hp.dead_tokens,
+        "activation": sae.activation, "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in,
+        "lr": model.lr, "l1_coeff": hp.l1_coeff, "multi_topk": sae.multi_topk, "tied_init": sae.tied_init,
+        "auxk_alpha": hp.auxk_alpha, "b_dec_init": sae.b_dec_init, "dead_tokens": hp.dead_tokens,
         "steps": trainer.global_step, "batch_size": batch, "tokens": tokens,
-        "flops": 6.0 * hp.d_in * hp.num_latents * tokens, "train_seconds": round(train_seconds, 1),
+        "flops": 6.0 * sae.d_in * sae.num_latents * tokens, "train_seconds": round(train_seconds, 1),
         "train/dead_frac_end": dead_train,
         **{k: float(v) for k, v in final.items()},
     }

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from sae_lit.common import atomic_path, write_json_atomic
 from sae_lit.data import shards as sh
 from sae_lit.data.corpus import make_corpus, pack_contexts, special_ids
 from sae_lit.data.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
@@ -31,34 +32,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheConfig:
+    """What the activation cache holds and how it is built. The manifest pins the keys that
+    change the activations (shards.MATCH_KEYS), so a cache is never reused for another config."""
+
     cache_dir: str = "data/cache/quickstart"
-    # subject model: "smollm2-135m" (embedded), a hub id, a local folder or a .gguf file
+    """Where manifest.json and the shards live (built on first use)."""
     model: str = "smollm2-135m"
-    # "resid_post.L" or a module path such as "model.layers.5.mlp"
+    """Subject model: "smollm2-135m" (embedded GGUF), a hub id, a local folder or a .gguf file."""
     hookpoint: str = "resid_post.15"
-    # "embedded", local .txt/.jsonl/.parquet path(s) or folder(s), or "hf:<dataset>[:<config>][@split]"
+    """"resid_post.L" (output of block L) or a module path such as "model.layers.5.mlp"."""
     corpus: str | list[str] = "embedded"
+    """"embedded", local .txt/.jsonl/.parquet file(s) or folder(s), or "hf:<dataset>[:<config>][@split]"."""
     context_length: int = 128
+    """Tokens per context, BOS included."""
     train_tokens: int = 2_000_000
+    """Tokens to cache for training (BOS positions included)."""
     val_tokens: int = 100_000
-    # storage dtype of activations: "float16" or "bfloat16"
+    """Tokens to cache for validation (held-out documents)."""
     dtype: str = "float16"
-    # shard size; several shards per rank and worker let DDP split by shard
+    """Storage dtype of the activations: "float16" or "bfloat16"."""
     tokens_per_shard: int = 32_768
-    # contexts per subject-model forward
+    """Shard size; several shards per rank and worker let DDP split by shard."""
     model_batch_size: int = 16
+    """Contexts per subject-model forward."""
     device: str = "auto"
-    # dtype of the subject model's weights: "auto" = float32 on CPU, bfloat16 on GPU
+    """Where the subject model runs: "auto", "cpu", "cuda", ..."""
     model_dtype: str = "auto"
-    # seeds the document split and document order
+    """dtype of the subject model's weights: "auto" = float32 on CPU, bfloat16 on GPU."""
     seed: int = 0
+    """Seeds the document split and the document order."""
     val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
     text_field: str = "text"
-    # tokens (BOS excluded) kept in sample.npy for the normalisation constant and b_pre init
+    """Field holding the text in .jsonl / .parquet / hf: corpora."""
     sample_tokens: int = 32_768
-    # tokens whose activation norm exceeds this multiple of the median norm are outliers, left
-    # out of training, validation and the statistics (kept in the shards); None keeps all
+    """Tokens (BOS excluded) kept in sample.npy for the normalisation constant and b_pre init."""
     outlier_factor: float | None = 10.0
+    """Tokens whose activation norm exceeds this multiple of the median norm are outliers, left
+    out of training, validation and the statistics (kept in the shards); None keeps all."""
 
     @property
     def blocks_per_shard(self) -> int:
@@ -132,7 +143,7 @@ def build_cache(
         if manifest.get("complete") and not missing_shards(cache_dir, manifest):
             return BuildResult(manifest, 0.0, 0)
     # Recorded before any shard, so a resumed build is checked against the config it started with.
-    sh.write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
+    write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
 
     device = resolve_device(cfg.device)
     if subject is None:
@@ -155,7 +166,7 @@ def build_cache(
     seconds = time.perf_counter() - start
 
     manifest = _finalize(cfg, expected, splits, tokenizer, forward)
-    sh.write_json_atomic(cache_dir / sh.MANIFEST, manifest)
+    write_json_atomic(cache_dir / sh.MANIFEST, manifest)
     log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
     return BuildResult(manifest, seconds, computed)
 
@@ -283,43 +294,38 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
-    tmp.replace(path)
 
 
 # --- command line ----------------------------------------------------------------------------
 
 
 def _config_defaults(path: str) -> dict:
-    """Flat CacheConfig keys, or a LightningCLI config's `data:` (or `data.init_args:`) section;
-    keys CacheConfig does not know (batch_size, ...) belong to the datamodule and are ignored."""
+    """Flat CacheConfig keys, or a LightningCLI config's `data.init_args.cache` section."""
     import yaml
 
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     section = cfg.get("data", cfg)
-    section = section.get("init_args", section) if isinstance(section, dict) else {}
+    if isinstance(section, dict):
+        section = section.get("init_args", section)
+        section = section.get("cache", section)
     names = {f.name for f in dataclasses.fields(CacheConfig)}
-    return {k: v for k, v in section.items() if k in names}
+    return {k: v for k, v in section.items() if k in names} if isinstance(section, dict) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> BuildResult:
-    import argparse
-
     from jsonargparse import ArgumentParser
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
     parser = ArgumentParser(prog="python -m sae_lit.data.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML with CacheConfig keys, or a LightningCLI config (its data: section)")
     parser.add_class_arguments(CacheConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    if known.config:
-        parser.set_defaults(_config_defaults(known.config))
-    args = parser.parse_args(rest)
+    args = parser.parse_args(argv)
+    if args.config:  # the file's values become defaults; flags given on the command line win
+        parser.set_defaults(_config_defaults(args.config))
+        args = parser.parse_args(argv)
     cfg = CacheConfig(**{f.name: args[f.name] for f in dataclasses.fields(CacheConfig)})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = build_cache(cfg, progress=not args.quiet)

@@ -7,6 +7,7 @@ with a stand-in trainer.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 from pathlib import Path
@@ -28,14 +29,7 @@ log = logging.getLogger(__name__)
 class ActivationDataModule(L.LightningDataModule):
     def __init__(
         self,
-        cache_dir: str = "data/cache/quickstart",
-        model: str = "smollm2-135m",
-        hookpoint: str = "resid_post.15",
-        corpus: str | list[str] = "embedded",
-        context_length: int = 128,
-        train_tokens: int = 2_000_000,
-        val_tokens: int = 100_000,
-        dtype: str = "float16",
+        cache: CacheConfig = CacheConfig(),
         batch_size: int = 4096,
         val_batch_size: int | None = None,
         shuffle_buffer: int = 131_072,
@@ -43,46 +37,28 @@ class ActivationDataModule(L.LightningDataModule):
         exclude_bos: bool = True,
         exclude_outliers: bool = True,
         skip_corrupt_shards: bool = False,
-        tokens_per_shard: int = 32_768,
-        model_batch_size: int = 16,
-        device: str = "auto",
-        model_dtype: str = "auto",
         seed: int = 0,
-        val_fraction: float = 0.05,
-        text_field: str = "text",
-        sample_tokens: int = 32_768,
-        outlier_factor: float | None = 10.0,
         progress: bool = True,
     ):
         """
         Args:
-            cache_dir: where manifest.json and the shards live (built on first use).
-            model: subject LM: "smollm2-135m" (embedded GGUF), hub id, local folder or .gguf file.
-            hookpoint: "resid_post.L" (output of block L) or a module path ("model.layers.5.mlp").
-            corpus: "embedded", local .txt/.jsonl/.parquet file(s)/folder(s), or "hf:<dataset>[:<config>][@split]".
-            context_length: tokens per context, BOS included.
-            train_tokens, val_tokens: tokens to cache per split (BOS positions included).
-            dtype: storage dtype of the cache, "float16" or "bfloat16".
-            batch_size: tokens per training batch. val_batch_size: per validation batch (default batch_size).
+            cache: what the activation cache holds and how it is built (sae_lit.data.cache.CacheConfig).
+            batch_size: tokens per training batch.
+            val_batch_size: tokens per validation batch (default batch_size).
             shuffle_buffer: tokens held by each loader process for token-level shuffling.
             num_workers: DataLoader workers for the training stream.
             exclude_bos: drop each context's BOS position from train/val batches (kept in the cache).
             exclude_outliers: drop tokens with norm > outlier_factor x the median norm (massive
                 activations, kept in the cache) from train/val batches and init_sample.
             skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
-            tokens_per_shard, model_batch_size, device, model_dtype, seed, val_fraction, text_field,
-            sample_tokens, outlier_factor: cache-building options, see sae_lit.data.cache.CacheConfig.
+            seed: seeds the training stream's shard order and shuffling.
             progress: show the cache-building progress bar.
         """
         super().__init__()
+        cfg = CacheConfig(**cache) if isinstance(cache, dict) else cache  # a mapping: sweeps, evaluate
+        cache = dataclasses.asdict(cfg)  # saved as plain values (save_hyperparameters reads this frame)
         self.save_hyperparameters()
-        self.cache_config = CacheConfig(
-            cache_dir=cache_dir, model=model, hookpoint=hookpoint, corpus=corpus, context_length=context_length,
-            train_tokens=train_tokens, val_tokens=val_tokens, dtype=dtype, tokens_per_shard=tokens_per_shard,
-            model_batch_size=model_batch_size, device=device, model_dtype=model_dtype, seed=seed,
-            val_fraction=val_fraction, text_field=text_field, sample_tokens=sample_tokens,
-            outlier_factor=outlier_factor,
-        )
+        self.cache_config = cache = cfg
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
         self.exclude_bos, self.exclude_outliers = exclude_bos, exclude_outliers
@@ -93,13 +69,13 @@ class ActivationDataModule(L.LightningDataModule):
 
         # d_in is needed before the cache exists (the CLI links it into the SAE's constructor):
         # a finished cache knows it; otherwise the model config does (no weights are loaded).
-        self._fingerprint = self.cache_config.corpus_obj().fingerprint()
+        self._fingerprint = cache.corpus_obj().fingerprint()
         self.manifest: dict | None = None
-        if cache_is_complete(self.cache_config, self._fingerprint):
-            self.manifest = sh.read_manifest(cache_dir)
+        if cache_is_complete(cache, self._fingerprint):
+            self.manifest = sh.read_manifest(cache.cache_dir)
             self.d_in: int = int(self.manifest["d_in"])
         else:
-            self.d_in = int(hookpoint_info(model, hookpoint)[1])
+            self.d_in = int(hookpoint_info(cache.model, cache.hookpoint)[1])
 
     # --- Lightning hooks ----------------------------------------------------------------------
 
@@ -128,7 +104,8 @@ class ActivationDataModule(L.LightningDataModule):
         self.manifest = manifest
         return manifest
 
-    def _ensure_manifest(self) -> dict:
+    def ensure_manifest(self) -> dict:
+        """The complete cache's manifest (read and checked against this config on first use)."""
         return self.manifest if self.manifest is not None else self._load_manifest()
 
     def _rank_world(self) -> tuple[int, int]:
@@ -141,11 +118,11 @@ class ActivationDataModule(L.LightningDataModule):
         root = Path(self.cache_config.cache_dir)
         return [
             ShardRef(str(root / s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
-            for s in self._ensure_manifest()["splits"][split]["shards"]
+            for s in self.ensure_manifest()["splits"][split]["shards"]
         ]
 
     def _row_filter(self) -> RowFilter:
-        manifest = self._ensure_manifest()
+        manifest = self.ensure_manifest()
         threshold = manifest.get("outlier_threshold") if self.exclude_outliers else None
         return RowFilter(manifest["dtype"], self.exclude_bos, threshold)
 
@@ -180,7 +157,7 @@ class ActivationDataModule(L.LightningDataModule):
             self._worker_skips = self._worker_skips or multiprocessing.Value("i", 0)
             on_skip = self._on_worker_skip
         stream = TrainStream(
-            self._shards("train"), self._shape, self._ensure_manifest()["dtype"], self.batch_size, self.shuffle_buffer,
+            self._shards("train"), self._shape, self.ensure_manifest()["dtype"], self.batch_size, self.shuffle_buffer,
             self._row_filter(), self.seed, rank, world, self.skip_corrupt_shards, on_skip,
             skip_batches=self._batches_done(),
         )
@@ -202,7 +179,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _val_loader(self) -> DataLoader:
         rank, world = self._rank_world()
         stream = ValStream(
-            self._shards("val"), self._shape, self._ensure_manifest()["dtype"], self.val_batch_size,
+            self._shards("val"), self._shape, self.ensure_manifest()["dtype"], self.val_batch_size,
             self._row_filter(), rank, world, self.skip_corrupt_shards, self._on_skip,
         )
         # In-process: the validation set is small, and one reader keeps the batch order fixed.
@@ -225,7 +202,7 @@ class ActivationDataModule(L.LightningDataModule):
         """[n, d_in] float32 train activations (no BOS, no outliers) spread over the whole split,
         the same on every rank: the cache's sample.npy, or for n beyond it a strided pass over
         all train shards."""
-        manifest = self._ensure_manifest()
+        manifest = self.ensure_manifest()
         if n <= manifest["sample"]["tokens"]:
             sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
             return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
@@ -248,7 +225,7 @@ class ActivationDataModule(L.LightningDataModule):
     def iter_blocks(self, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All blocks of a split in order as (tokens [T] int64, acts [T, d_in] float32), BOS
         included - for evaluations that need the text (downstream loss, probes, dashboards)."""
-        dtype = self._ensure_manifest()["dtype"]
+        dtype = self.ensure_manifest()["dtype"]
         for shard in self._shards(split):
             for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
                 yield torch.from_numpy(block.tokens.astype(np.int64)), sh.decode_acts(block.acts, dtype)

@@ -18,6 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sae_lit.common import commit, discard, temp_name
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "bfloat16")
@@ -67,16 +69,6 @@ def block_index(key: str) -> int:
 
 
 # --- manifest ---------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
@@ -143,7 +135,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temp_name(self.path)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     def add(self, key: str, acts: np.ndarray, tokens: np.ndarray, meta: dict) -> None:
@@ -158,13 +150,11 @@ class ShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        commit(self.tmp, self.path)
 
     def abort(self) -> None:
         self._tar.close()
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.lm import edit_hookpoint, hook_acts, logits
 from sae_lit.evals.result import EvalResult
 
@@ -59,6 +59,7 @@ def ablation_sparsity(sae, model: nn.Module, hookpoint: str, contexts: Tensor, p
                       baseline: bool = True, exclude_bos: bool = True, seed: int = 0) -> EvalResult:
     """``contexts`` [N, T] token ids (BOS first). Costs (pairs_per_context + 1) full forwards per
     context, twice with the baseline."""
+    sae = as_adapter(sae)
     g = torch.Generator().manual_seed(seed)
     start = 1 if exclude_bos else 0
     sae_vals, res_vals, pairs = [], [], []
@@ -66,14 +67,14 @@ def ablation_sparsity(sae, model: nn.Module, hookpoint: str, contexts: Tensor, p
         ids = ids[None]
         h = hook_acts(model, hookpoint, ids)[0].float().cpu()  # [T, d]
         x = h[start:]
-        values, indices = _sae.encode(sae, x)
+        values, indices = sae.encode(x)
         active = (values > 0).nonzero().cpu()  # [(row, slot)]
         if active.shape[0] == 0:
             continue
         pick = active[torch.randperm(active.shape[0], generator=g)[:pairs_per_context]]
         rows, slots = pick[:, 0], pick[:, 1]
         lat = indices.cpu()[rows, slots]
-        dirs = _sae.decoder_directions(sae, x[rows], lat[:, None].to(indices.device))[:, 0].float().cpu()
+        dirs = sae.decoder_directions(x[rows], lat[:, None].to(indices.device))[:, 0].float().cpu()
         deltas = values.float().cpu()[rows, slots, None] * dirs
         positions = (rows + start).tolist()
         sae_vals += _ablate(model, hookpoint, ids, positions, deltas)

@@ -1,24 +1,147 @@
-"""What the evals need from an SAE, for any object with ``encode``/``decode``.
+"""One adapter between the evals and any SAE: built once, it answers in raw activation space.
 
-The evals take ``encode(x_raw) -> (values [B, k], indices [B, k])`` and ``decode(values,
-indices)`` as the contract (DESIGN.md: a loaded SAELens or sparsify SAE works too). Our
-TopKSAE decodes into its *normalised* space, so where it is present we use its own
-``encode_decode`` / ``normalize_input`` / ``denormalize`` to stay in raw space; other objects
-are assumed to decode straight to raw activations.
+The evals need: encode (raw activations in), decode (raw activations out), the dense
+pre-activations, the decoder directions and the dictionary size. Our TopKSAE works in a
+normalised space (a constant scale or a per-token layer norm) and says so by having
+``normalize_input`` / ``denormalize``; the adapter undoes it. Any other object with
+``encode(x) -> (values, indices)`` and ``decode(values, indices)`` that decodes straight to
+raw activations works too (DESIGN.md: evals take any SAE). What the SAE offers is looked up
+once, here, not at every call.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from sae_lit.model.sae import TopKSAE
 
-def sae_device_dtype(sae) -> tuple[torch.device, torch.dtype]:
+
+class SAEAdapter:
+    def __init__(self, sae):
+        if isinstance(sae, SAEAdapter):
+            raise TypeError("already an SAEAdapter: use as_adapter(sae)")
+        self.sae = sae
+        self.ours = isinstance(sae, TopKSAE)
+        # decode() lands in a normalised space that normalize_input / denormalize define
+        self.normalised = self.ours or (callable(getattr(sae, "normalize_input", None))
+                                        and callable(getattr(sae, "denormalize", None)))
+        W_dec = getattr(sae, "W_dec", None)
+        self.W_dec: Tensor | None = W_dec if isinstance(W_dec, Tensor) else None
+        self.device, self.dtype = _device_dtype(sae)
+        k = getattr(sae, "k", None)
+        self.k: int | None = int(k) if isinstance(k, int) else None
+        """Latents per token for TopK SAEs (None when the SAE has no fixed k)."""
+
+    @property
+    def num_latents(self) -> int:
+        """Dictionary size (asked of the SAE when an eval needs it: some need only encode/decode)."""
+        return _num_latents(self.sae)
+
+    def _in(self, x: Tensor) -> Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Raw activations [B, d] -> (values, indices) on the SAE's device. ``k`` only for
+        SAEs whose encode accepts it (TopKSAE); others raise."""
+        out = self.sae.encode(self._in(x)) if k is None else self.sae.encode(self._in(x), k=k)
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def decode(self, values: Tensor, indices: Tensor, x: Tensor) -> Tensor:
+        """(values, indices) -> raw activations. ``x`` (the raw input) is needed for per-token
+        normalisations (layer_norm), whose inverse depends on the token."""
+        out = self.sae.decode(values, indices)
+        if self.normalised:
+            out = self.sae.denormalize(out, self.sae.normalize_input(self._in(x))[1])
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, k: int | None = None) -> Tensor:
+        """Raw in, raw out, in the input's dtype and device."""
+        if self.ours:
+            xs = self._in(x)
+            recon = self.sae.encode_decode(xs)[0] if k is None else self.sae.encode_decode(xs, k)[0]
+        else:
+            values, indices = self.encode(x, k)
+            recon = self.decode(values, indices, x)
+        return recon.to(device=x.device, dtype=x.dtype)
+
+    @torch.no_grad()
+    def decode_dense(self, z: Tensor, x: Tensor) -> Tensor:
+        """Dense codes [B, num_latents] -> raw activations (``x``: the raw input, as in decode)."""
+        if self.ours:
+            sae = self.sae
+            return sae.denormalize(z @ sae.W_dec + sae.b_dec, sae.normalize_input(self._in(x))[1])
+        m = max(int((z != 0).sum(-1).max()) if z.numel() else 0, 1)
+        values, indices = z.abs().topk(min(m, z.shape[-1]), dim=-1)
+        return self.decode(z.gather(1, indices), indices, x)
+
+    @torch.no_grad()
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Dense [B, num_latents] pre-activations (the encoder output before the sparsifying
+        activation: for TopK, before the top-k) of raw activations."""
+        if self.ours:
+            return self.sae.pre_acts(self.sae.normalize_input(self._in(x))[0])
+        for name in ("pre_acts", "encode_pre_act", "pre_activations"):
+            fn = getattr(self.sae, name, None)
+            if callable(fn):
+                return fn(self._in(x))
+        raise NotImplementedError(f"{type(self.sae).__name__} exposes no pre-activations (pre_acts)")
+
+    @torch.no_grad()
+    def dense_codes(self, x: Tensor, chunk: int = 4096) -> Tensor:
+        """Dense latent activations [B, num_latents] on the CPU, in chunks so the encoder's
+        [chunk, n] pre-activations are the only large temporary."""
+        out = []
+        for lo in range(0, x.shape[0], chunk):
+            v, i = self.encode(x[lo : lo + chunk])
+            out.append(densify(v.float(), i, self.num_latents).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.num_latents)
+
+    @torch.no_grad()
+    def decoder_directions(self, x: Tensor, indices: Tensor) -> Tensor:
+        """Raw-space decoder vectors of the given latents at the given tokens: [B, m, d], such
+        that decode(values) = sum_j values_j * dirs_j + bias for the token's own normalisation.
+
+        Read off W_dec for our SAEs (scaled by the token's normalisation), otherwise by decoding
+        unit vectors: decode is affine in the values for every SAE we know of."""
+        x = self._in(x)
+        if self.W_dec is not None and self.normalised:
+            sae = self.sae
+            dirs = self.W_dec[indices]  # [B, m, d] in the normalised space
+            _, stats = sae.normalize_input(x)
+            if stats is None:
+                return sae.denormalize(dirs, None)  # constant scale or none: linear, no offset
+            return dirs * stats[1][:, None, :]  # layer norm: x = z*std + mu, the linear part is *std
+        B, m = indices.shape
+        base = self.decode(torch.zeros(B, m, device=x.device, dtype=x.dtype), indices, x)
+        dirs = []
+        for j in range(m):
+            v = torch.zeros(B, m, device=x.device, dtype=x.dtype)
+            v[:, j] = 1.0
+            dirs.append(self.decode(v, indices, x) - base)
+        return torch.stack(dirs, 1)
+
+
+def as_adapter(sae) -> SAEAdapter:
+    """The adapter of ``sae`` (itself if it already is one)."""
+    return sae if isinstance(sae, SAEAdapter) else SAEAdapter(sae)
+
+
+def densify(values: Tensor, indices: Tensor, n: int) -> Tensor:
+    """(values, indices) [B, k] -> dense [B, n]. Duplicate indices (none for TopK) add up."""
+    dense = values.new_zeros(values.shape[0], n)
+    return dense.scatter_add_(1, indices.long(), values)
+
+
+def _device_dtype(sae) -> tuple[torch.device, torch.dtype]:
     for p in getattr(sae, "parameters", lambda: iter(()))():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 
 
-def num_latents(sae) -> int:
+def _num_latents(sae) -> int:
     for name in ("num_latents", "d_sae"):
         n = getattr(sae, name, None)
         if isinstance(n, int):
@@ -30,89 +153,3 @@ def num_latents(sae) -> int:
     if isinstance(W_dec, Tensor):
         return W_dec.shape[0]
     raise AttributeError(f"{type(sae).__name__} has none of num_latents, d_sae, cfg.d_sae, W_dec: cannot size the dictionary.")
-
-
-def sae_k(sae) -> int | None:
-    k = getattr(sae, "k", None)
-    return int(k) if isinstance(k, int) else None
-
-
-def _to_sae(sae, x: Tensor) -> Tensor:
-    device, dtype = sae_device_dtype(sae)
-    return x.to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def encode(sae, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw activations [B, d] -> (values, indices) on the SAE's device. ``k`` only for SAEs
-    whose encode accepts it (TopKSAE); others raise."""
-    x = _to_sae(sae, x)
-    out = sae.encode(x) if k is None else sae.encode(x, k=k)
-    values, indices = out[0], out[1]
-    return values, indices
-
-
-@torch.no_grad()
-def decode_raw(sae, values: Tensor, indices: Tensor, x: Tensor) -> Tensor:
-    """Decode into raw activation space. ``x`` (the raw input) is needed for per-token
-    normalisations (layer_norm), whose inverse depends on the token."""
-    out = sae.decode(values, indices)
-    if hasattr(sae, "normalize_input") and hasattr(sae, "denormalize"):
-        _, stats = sae.normalize_input(_to_sae(sae, x))
-        out = sae.denormalize(out, stats)
-    return out
-
-
-@torch.no_grad()
-def reconstruct(sae, x: Tensor, k: int | None = None) -> Tensor:
-    """Raw in, raw out, in the input's dtype and device."""
-    if hasattr(sae, "encode_decode"):
-        xs = _to_sae(sae, x)
-        recon = sae.encode_decode(xs)[0] if k is None else sae.encode_decode(xs, k)[0]
-    else:
-        values, indices = encode(sae, x, k)
-        recon = decode_raw(sae, values, indices, x)
-    return recon.to(device=x.device, dtype=x.dtype)
-
-
-def densify(values: Tensor, indices: Tensor, n: int) -> Tensor:
-    """(values, indices) [B, k] -> dense [B, n]. Duplicate indices (none for TopK) add up."""
-    dense = values.new_zeros(values.shape[0], n)
-    return dense.scatter_add_(1, indices.long(), values)
-
-
-@torch.no_grad()
-def dense_codes(sae, x: Tensor, chunk: int = 4096) -> Tensor:
-    """Dense latent activations [B, num_latents] on the CPU, in chunks so the encoder's
-    [chunk, n] pre-activations are the only large temporary."""
-    n = num_latents(sae)
-    out = []
-    for lo in range(0, x.shape[0], chunk):
-        v, i = encode(sae, x[lo : lo + chunk])
-        out.append(densify(v.float(), i, n).cpu())
-    return torch.cat(out) if out else torch.zeros(0, n)
-
-
-@torch.no_grad()
-def decoder_directions(sae, x: Tensor, indices: Tensor) -> Tensor:
-    """Raw-space decoder vectors of the given latents at the given tokens: [B, m, d], such that
-    decode_raw(values) = sum_j values_j * dirs_j + bias for the token's own normalisation.
-
-    Read off W_dec when the SAE has one (scaled by the token's normalisation), otherwise by
-    decoding unit vectors: decode is affine in the values for every SAE we know of."""
-    x = _to_sae(sae, x)
-    W_dec = getattr(sae, "W_dec", None)
-    if isinstance(W_dec, Tensor) and hasattr(sae, "normalize_input") and hasattr(sae, "denormalize"):
-        dirs = W_dec[indices]  # [B, m, d] in the normalised space
-        _, stats = sae.normalize_input(x)
-        if stats is None:
-            return sae.denormalize(dirs, None)  # constant scale or none: linear, no offset
-        return dirs * stats[1][:, None, :]  # layer norm: x = z*std + mu, the linear part is *std
-    B, m = indices.shape
-    base = decode_raw(sae, torch.zeros(B, m, device=x.device, dtype=x.dtype), indices, x)
-    dirs = []
-    for j in range(m):
-        v = torch.zeros(B, m, device=x.device, dtype=x.dtype)
-        v[:, j] = 1.0
-        dirs.append(decode_raw(sae, v, indices, x) - base)
-    return torch.stack(dirs, 1)

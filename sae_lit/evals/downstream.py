@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.lm import edit_hookpoint, logits, token_ce, token_kl
 from sae_lit.evals.result import EvalResult
 
@@ -36,6 +36,7 @@ def downstream_loss(
     outlier_threshold: float | None = None,
 ) -> EvalResult:
     """``contexts`` [N, T] token ids, each starting with BOS (as the cache's blocks do)."""
+    sae = as_adapter(sae)
     if contexts.dim() != 2 or contexts.shape[1] < 3:
         raise ValueError(f"contexts must be [N, T] with T >= 3, got shape {tuple(contexts.shape)}")
     start = 1 if exclude_bos else 0
@@ -55,7 +56,7 @@ def downstream_loss(
         mask = edited(h)
         n_outliers += int(h.shape[0] * (h.shape[1] - start) - mask.sum())
         out = h.clone()
-        out[mask] = _sae.reconstruct(sae, h[mask]).to(h.dtype)
+        out[mask] = sae.reconstruct(h[mask]).to(h.dtype)
         return out
 
     def zero(h: Tensor) -> Tensor:

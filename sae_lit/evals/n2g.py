@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.result import EvalResult
 
@@ -70,6 +70,7 @@ def trie_match(trie: dict, tokens: Tensor, first: int = 1) -> Tensor:
 @torch.no_grad()
 def _latent_acts(sae, model, hookpoint, seqs: list[list[int]], latents: list[int], batch_size: int = 64) -> Tensor:
     """Value of latents[i] at the last token of seqs[i] (0 where it is not selected)."""
+    sae = as_adapter(sae)
     out = torch.zeros(len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for lo in range(0, len(order), batch_size):
@@ -80,7 +81,7 @@ def _latent_acts(sae, model, hookpoint, seqs: list[list[int]], latents: list[int
             x[r, : len(seqs[i])] = torch.tensor(seqs[i])  # right padding: causal, harmless
         h = hook_acts(model, hookpoint, x).float()
         last = h[torch.arange(len(idx)), torch.tensor([len(seqs[i]) - 1 for i in idx])]
-        values, indices = _sae.encode(sae, last)
+        values, indices = sae.encode(last)
         want = torch.tensor([latents[i] for i in idx], device=indices.device)
         out[idx] = (values * (indices == want[:, None])).sum(-1).float().cpu()
     return out
@@ -95,13 +96,14 @@ def n2g_eval(sae, model: nn.Module, hookpoint: str, tokens: Tensor, acts: Tensor
              tokenizer=None, seed: int = 0) -> EvalResult:
     """``tokens`` [N, T] and cached hookpoint ``acts`` [N, T, d] of held-out blocks (BOS first;
     the BOS position is neither explained nor scored). Even blocks explain, odd blocks test."""
+    sae = as_adapter(sae)
     N, T = tokens.shape
     if N < 2:
         raise ValueError(f"n2g needs at least 2 blocks (one to explain, one to test), got {N}")
-    n_lat = _sae.num_latents(sae)
+    n_lat = sae.num_latents
     # Codes stay sparse: a dense [N*T, num_latents] copy would not fit for large dictionaries.
     flat = acts[:, 1:].reshape(-1, acts.shape[-1])
-    enc = [_sae.encode(sae, flat[lo : lo + 4096]) for lo in range(0, flat.shape[0], 4096)]
+    enc = [sae.encode(flat[lo : lo + 4096]) for lo in range(0, flat.shape[0], 4096)]
     values = torch.cat([v.float().cpu() for v, _ in enc]).reshape(N, T - 1, -1)
     indices = torch.cat([i.cpu() for _, i in enc]).reshape(N, T - 1, -1)
 

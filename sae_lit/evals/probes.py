@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter, densify
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.probe_tasks import Snippet
 from sae_lit.evals.result import EvalResult
@@ -196,6 +196,7 @@ def snippet_acts(model: nn.Module, hookpoint: str, ids: list[list[int]], wanted:
 
 def probe_eval(sae, model: nn.Module, tokenizer, hookpoint: str, snippets: list[Snippet],
                max_per_class: int = 128, batch_size: int = 16, seed: int = 0) -> EvalResult:
+    sae = as_adapter(sae)
     ids, tasks, skipped = build_examples(snippets, tokenizer, max_per_class=max_per_class, seed=seed)
     if not tasks:
         return EvalResult({}, {"skipped": skipped, "note": "no task had enough examples"})
@@ -207,10 +208,10 @@ def probe_eval(sae, model: nn.Module, tokenizer, hookpoint: str, snippets: list[
     keys = list(acts)
     row = {k: i for i, k in enumerate(keys)}
     X = torch.stack([acts[k] for k in keys])  # [U, d] raw activations
-    n_lat = _sae.num_latents(sae)
+    n_lat = sae.num_latents
     values, indices = [], []
     for lo in range(0, X.shape[0], 2048):
-        v, i = _sae.encode(sae, X[lo : lo + 2048])
+        v, i = sae.encode(X[lo : lo + 2048])
         values.append(v.float().cpu())
         indices.append(i.cpu())
     values, indices = torch.cat(values), torch.cat(indices)
@@ -221,8 +222,8 @@ def probe_eval(sae, model: nn.Module, tokenizer, hookpoint: str, snippets: list[
         r_te = torch.tensor([row[(s, p)] for s, p, _ in split["test"]])
         y_tr = torch.tensor([lab for *_, lab in split["train"]], dtype=torch.float32)
         y_te = torch.tensor([lab for *_, lab in split["test"]], dtype=torch.float32)
-        z_tr = _sae.densify(values[r_tr], indices[r_tr], n_lat)
-        z_te = _sae.densify(values[r_te], indices[r_te], n_lat)
+        z_tr = densify(values[r_tr], indices[r_tr], n_lat)
+        z_te = densify(values[r_te], indices[r_te], n_lat)
         active = ((z_tr != 0).any(0)).nonzero().squeeze(1)
         sae_r = best_feature(z_tr, y_tr, z_te, y_te, active)
         res_r = best_feature(X[r_tr], y_tr, X[r_te], y_te)

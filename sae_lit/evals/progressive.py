@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import Tensor
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.result import EvalResult
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,14 @@ def jumprelu_threshold(sae, x_train: Tensor, target_l0: float, batch_size: int =
     Only each token's top m pre-activations are kept as candidates (the full [N, n] set would not
     fit); theta is exact as long as no token has m values above it, which is checked, and m
     doubled if not."""
-    n = _sae.num_latents(sae)
+    sae = as_adapter(sae)
+    n = sae.num_latents
     m = min(n, max(4 * int(round(target_l0)), 8))
     want = int(round(target_l0 * x_train.shape[0]))
     while True:
         cands, mth = [], []
         for lo in range(0, x_train.shape[0], batch_size):
-            pre = _pre_acts(sae, x_train[lo : lo + batch_size])
+            pre = sae.pre_acts(x_train[lo : lo + batch_size])
             top = pre.topk(m, dim=-1).values
             cands.append(top.flatten().cpu())
             mth.append(top[:, -1].cpu())
@@ -66,30 +67,19 @@ def jumprelu_threshold(sae, x_train: Tensor, target_l0: float, batch_size: int =
         m = min(n, 2 * m)
 
 
-def _pre_acts(sae, x: Tensor) -> Tensor:
-    device, dtype = _sae.sae_device_dtype(sae)
-    x = x.to(device, dtype)
-    x_norm, _ = sae.normalize_input(x)
-    return sae.pre_acts(x_norm)
-
-
 def _jumprelu_recon(sae, theta: float):
     def fn(xb: Tensor):
-        device, dtype = _sae.sae_device_dtype(sae)
-        xs = xb.to(device, dtype)
-        x_norm, stats = sae.normalize_input(xs)
-        pre = sae.pre_acts(x_norm)
+        pre = sae.pre_acts(xb)
         z = torch.where(pre > theta, pre, torch.zeros_like(pre))
-        recon = sae.denormalize(z @ sae.W_dec + sae.b_dec, stats)
-        return recon, (z > 0).sum(-1)
+        return sae.decode_dense(z, xb), (z > 0).sum(-1)
 
     return fn
 
 
 def _topk_recon(sae, k: int):
     def fn(xb: Tensor):
-        values, indices = _sae.encode(sae, xb, k=k)
-        recon = _sae.decode_raw(sae, values, indices, xb)
+        values, indices = sae.encode(xb, k=k)
+        recon = sae.decode(values, indices, xb)
         return recon, (values > 0).sum(-1)
 
     return fn
@@ -101,29 +91,29 @@ def progressive_recovery(
 ) -> EvalResult:
     """``x`` [N, d] held-out raw activations; ``x_train`` [M, d] training activations for the
     JumpReLU calibration (skipped when None)."""
-    k = _sae.sae_k(sae)
-    act = getattr(sae, "activation", "topk")
+    sae = as_adapter(sae)
+    k = sae.k
+    act = getattr(sae.sae, "activation", "topk")
     if act != "topk":
         return EvalResult({}, {"skipped": f"progressive recovery is defined for TopK SAEs; this one is {act!r}"})
     if k is None:
-        return EvalResult({}, {"skipped": f"{type(sae).__name__} has no integer k"})
-    n = _sae.num_latents(sae)
+        return EvalResult({}, {"skipped": f"{type(sae.sae).__name__} has no integer k"})
+    n = sae.num_latents
     ks = ks or sorted({max(1, k // 4), max(1, k // 2), k, min(n, 2 * k), min(n, 4 * k)})
     details: dict = {"k": k, "topk": {}}
     for kp in ks:
         try:
             nmse, l0 = _nmse(x, _topk_recon(sae, kp), batch_size)
         except TypeError:
-            details["topk_skipped"] = f"{type(sae).__name__}.encode takes no k argument"
+            details["topk_skipped"] = f"{type(sae.sae).__name__}.encode takes no k argument"
             break
         details["topk"][str(kp)] = {"nmse": nmse, "l0": l0}
-    has_jump = all(hasattr(sae, a) for a in ("pre_acts", "normalize_input", "denormalize", "W_dec", "b_dec"))
-    if x_train is not None and has_jump:
+    if x_train is not None and sae.ours:
         theta = jumprelu_threshold(sae, x_train, target_l0=k, batch_size=batch_size)
         nmse, l0 = _nmse(x, _jumprelu_recon(sae, theta), min(batch_size, 512))
         details["jumprelu"] = {"threshold": theta, "nmse": nmse, "l0": l0, "calibration_tokens": int(x_train.shape[0])}
     elif x_train is not None:
-        details["jumprelu_skipped"] = "JumpReLU needs pre_acts/normalize_input/denormalize/W_dec/b_dec (TopKSAE)"
+        details["jumprelu_skipped"] = "the JumpReLU threshold needs the pre-activations of one of our SAEs"
     metrics = {}
     if str(k) in details["topk"]:
         metrics["eval/progressive_nmse_k"] = details["topk"][str(k)]["nmse"]

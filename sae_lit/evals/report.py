@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from sae_lit.common import save_figure, write_json_atomic
+
 
 def _clean(obj):
     """JSON has no NaN/inf: write them as null; tensors and numpy scalars as numbers."""
@@ -25,9 +27,7 @@ def _clean(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, _clean(obj))
 
 
 def write_report(report: dict, figures: dict, out_dir: str | os.PathLike, merge: bool = True) -> Path:
@@ -55,7 +55,7 @@ def write_report(report: dict, figures: dict, out_dir: str | os.PathLike, merge:
     figure_files = dict(report.get("figures", {}))
     for tag, fig in figures.items():
         name = tag.replace("/", "_") + ".png"
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)
         figure_files[tag] = name
     report["figures"] = figure_files
     _write_json(path, report)

@@ -6,14 +6,14 @@ larger (ratio > 1); TopK has no such pull (ratio ~ 1).
     eval/shrinkage = mean over tokens of ||z_refit|| / ||z||   (tokens with an empty support skipped)
 
 The fit is done in raw activation space with the token's own decoder vectors
-(``_sae.decoder_directions``), so it is the same problem for any SAE normalisation.
+(``SAEAdapter.decoder_directions``), so it is the same problem for any SAE normalisation.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from sae_lit.evals import adapter as _sae
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.result import EvalResult
 
 
@@ -51,20 +51,21 @@ def nnls(A: Tensor, b: Tensor, x0: Tensor | None = None, max_iter: int = 2000, t
 @torch.no_grad()
 def shrinkage(sae, x: Tensor, batch_size: int = 256, max_iter: int = 2000) -> EvalResult:
     """``x`` [N, d] raw activations (held-out, BOS excluded)."""
+    sae = as_adapter(sae)
     ratios, nmse_before, nmse_after, var = [], 0.0, 0.0, 0.0
     mean = x.double().mean(0)
     for lo in range(0, x.shape[0], batch_size):
         xb = x[lo : lo + batch_size]
-        values, indices = _sae.encode(sae, xb)
+        values, indices = sae.encode(xb)
         xs = xb.to(values.device, values.dtype)
-        bias = _sae.decode_raw(sae, torch.zeros_like(values), indices, xs)  # decoder output at z = 0
+        bias = sae.decode(torch.zeros_like(values), indices, xs)  # decoder output at z = 0
         # The support: latents with value > 0. Compacted to the widest row's size, so dense
         # codes (ReLU SAEs: indices = all latents) do not build a [B, d, num_latents] matrix.
         m = max(int((values > 0).sum(-1).max()), 1)
         values, pos = values.topk(m, dim=-1)
         indices = indices.gather(1, pos)
         support = values > 0
-        A = _sae.decoder_directions(sae, xs, indices).transpose(1, 2) * support.unsqueeze(1)  # [B, d, m]
+        A = sae.decoder_directions(xs, indices).transpose(1, 2) * support.unsqueeze(1)  # [B, d, m]
         refit = nnls(A, xs - bias, x0=values, max_iter=max_iter) * support
         recon_before = bias + (A @ values.unsqueeze(-1)).squeeze(-1)
         recon_after = bias + (A @ refit.to(A.dtype).unsqueeze(-1)).squeeze(-1)

@@ -11,12 +11,24 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+import lightning as L
 import torch
 from torch import Tensor
 
+from sae_lit.common import acts_of
+from sae_lit.data.source import ActivationSource, CachedActivations
+from sae_lit.data.subject import load_model, load_tokenizer
+from sae_lit.evals.ablation import ablation_sparsity
+from sae_lit.evals.adapter import SAEAdapter, as_adapter
+from sae_lit.evals.downstream import downstream_loss
+from sae_lit.evals.n2g import n2g_eval
+from sae_lit.evals.probe_tasks import builtin_snippets, load_jsonl_task, vader_lexicon
+from sae_lit.evals.probes import probe_eval
+from sae_lit.evals.progressive import progressive_recovery
 from sae_lit.evals.result import EvalResult
+from sae_lit.evals.shrinkage import shrinkage
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +116,6 @@ _MODELS: dict[tuple, tuple] = {}
 def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "auto"):
     """(model, tokenizer), loaded once per process: validation runs every few hundred steps and
     the embedded model takes ~20 s to de-quantize."""
-    from sae_lit.data.subject import load_model, load_tokenizer
-
     key = (spec, str(device), dtype)
     if key not in _MODELS:
         _MODELS[key] = (load_model(spec, device, dtype), load_tokenizer(spec))
@@ -115,8 +125,8 @@ def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "au
 def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu") -> EvalData:
     """EvalData from an ActivationDataModule (blocks + subject LM), or from any data module with
     a val_dataloader of activation batches (activation-only evals)."""
-    if hasattr(dm, "iter_blocks") and hasattr(dm, "cache_config"):
-        manifest = dm._ensure_manifest() if hasattr(dm, "_ensure_manifest") else dm.manifest
+    if isinstance(dm, CachedActivations):
+        manifest = dm.ensure_manifest()
         T = int(dm.cache_config.context_length)
         n_blocks = max(cfg.downstream_contexts, cfg.ablation_contexts, cfg.n2g_blocks,
                        math.ceil(cfg.activation_tokens / max(T - 1, 1)))
@@ -127,7 +137,7 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
             if len(toks) >= n_blocks:
                 break
         tokens, block_acts = torch.stack(toks), torch.stack(acts)
-        threshold = manifest.get("outlier_threshold") if cfg.exclude_outliers and getattr(dm, "exclude_outliers", True) else None
+        threshold = manifest.get("outlier_threshold") if cfg.exclude_outliers and dm.exclude_outliers else None
         val_acts = block_acts[:, 1:].reshape(-1, block_acts.shape[-1])
         if threshold is not None:
             val_acts = val_acts[val_acts.norm(dim=-1) <= threshold]
@@ -143,69 +153,72 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
                   "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks),
                   "outlier_threshold": threshold},
         )
-    if not hasattr(dm, "val_dataloader"):
-        raise TypeError(f"{type(dm).__name__} has neither iter_blocks (ActivationDataModule) nor val_dataloader")
+    if not isinstance(dm, L.LightningDataModule):
+        raise TypeError(f"{type(dm).__name__} is neither a CachedActivations source (ActivationDataModule) nor a "
+                        "LightningDataModule with a val_dataloader")
     xs, n = [], 0
     for batch in dm.val_dataloader():
-        x = batch["acts"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = acts_of(batch)
         xs.append(x.float().cpu())
         n += x.shape[0]
         if n >= cfg.activation_tokens:
             break
-    train = dm.init_sample(cfg.calibration_tokens) if hasattr(dm, "init_sample") else None
+    train = dm.init_sample(cfg.calibration_tokens) if isinstance(dm, ActivationSource) else None
     return EvalData(hookpoint=None, val_acts=torch.cat(xs)[: cfg.activation_tokens], train_acts=train,
                     info={"data": type(dm).__name__, "note": "activations only: LM evals skipped"})
 
 
-def _run_one(name: str, sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
-    if name == "shrinkage":
-        from sae_lit.evals.shrinkage import shrinkage
+def _shrinkage(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    return shrinkage(sae, data.val_acts[: cfg.shrinkage_tokens], max_iter=cfg.shrinkage_max_iter)
 
-        return shrinkage(sae, data.val_acts[: cfg.shrinkage_tokens], max_iter=cfg.shrinkage_max_iter)
-    if name == "progressive":
-        from sae_lit.evals.progressive import progressive_recovery
 
-        return progressive_recovery(sae, data.val_acts, data.train_acts)
-    if name == "downstream":
-        from sae_lit.evals.downstream import downstream_loss
+def _progressive(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    return progressive_recovery(sae, data.val_acts, data.train_acts)
 
-        return downstream_loss(sae, data.model, data.hookpoint, data.tokens[: cfg.downstream_contexts],
-                               batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos,
-                               outlier_threshold=data.outlier_threshold)
-    if name == "probes":
-        from sae_lit.evals.probe_tasks import builtin_snippets, load_jsonl_task
-        from sae_lit.evals.probes import probe_eval
 
-        snippets = builtin_snippets(data.tokenizer, cfg.probe_code_snippets, cfg.probe_pydoc_snippets,
-                                    cfg.probe_kjv_snippets_per_genre, cfg.probe_snippet_tokens, cfg.seed)
-        for path in cfg.probe_tasks_jsonl:
-            snippets += load_jsonl_task(path)[1]
-        r = probe_eval(sae, data.model, data.tokenizer, data.hookpoint, snippets, cfg.probe_max_per_class,
-                       batch_size=2 * cfg.lm_batch_size, seed=cfg.seed)
-        from sae_lit.evals.probe_tasks import vader_lexicon
+def _downstream(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    return downstream_loss(sae, data.model, data.hookpoint, data.tokens[: cfg.downstream_contexts],
+                           batch_size=cfg.lm_batch_size, exclude_bos=cfg.exclude_bos,
+                           outlier_threshold=data.outlier_threshold)
 
-        r.details["vader"] = "used" if vader_lexicon() is not None else "vaderSentiment not installed: vader_* tasks skipped"
-        return r
-    if name == "ablation":
-        from sae_lit.evals.ablation import ablation_sparsity
 
-        ctx = data.tokens[: cfg.ablation_contexts, : cfg.ablation_context_length]
-        return ablation_sparsity(sae, data.model, data.hookpoint, ctx, cfg.ablation_pairs_per_context,
-                                 exclude_bos=cfg.exclude_bos, seed=cfg.seed)
-    if name == "n2g":
-        from sae_lit.evals.n2g import n2g_eval
+def _probes(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    snippets = builtin_snippets(data.tokenizer, cfg.probe_code_snippets, cfg.probe_pydoc_snippets,
+                                cfg.probe_kjv_snippets_per_genre, cfg.probe_snippet_tokens, cfg.seed)
+    for path in cfg.probe_tasks_jsonl:
+        snippets += load_jsonl_task(path)[1]
+    r = probe_eval(sae, data.model, data.tokenizer, data.hookpoint, snippets, cfg.probe_max_per_class,
+                   batch_size=2 * cfg.lm_batch_size, seed=cfg.seed)
+    r.details["vader"] = "used" if vader_lexicon() is not None else "vaderSentiment not installed: vader_* tasks skipped"
+    return r
 
-        B = min(cfg.n2g_blocks, data.tokens.shape[0])
-        mask = data.sep_id if data.sep_id is not None else data.bos_id
-        return n2g_eval(sae, data.model, data.hookpoint, data.tokens[:B], data.block_acts[:B], data.bos_id, mask,
-                        cfg.n2g_latents, cfg.n2g_top_examples, cfg.n2g_max_suffix, tokenizer=data.tokenizer, seed=cfg.seed)
-    raise ValueError(f"unknown eval {name!r}")
+
+def _ablation(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    ctx = data.tokens[: cfg.ablation_contexts, : cfg.ablation_context_length]
+    return ablation_sparsity(sae, data.model, data.hookpoint, ctx, cfg.ablation_pairs_per_context,
+                             exclude_bos=cfg.exclude_bos, seed=cfg.seed)
+
+
+def _n2g(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
+    B = min(cfg.n2g_blocks, data.tokens.shape[0])
+    mask = data.sep_id if data.sep_id is not None else data.bos_id
+    return n2g_eval(sae, data.model, data.hookpoint, data.tokens[:B], data.block_acts[:B], data.bos_id, mask,
+                    cfg.n2g_latents, cfg.n2g_top_examples, cfg.n2g_max_suffix, tokenizer=data.tokenizer, seed=cfg.seed)
+
+
+# name -> runner(sae adapter, data, config); run in this order.
+RUNNERS: dict[str, Callable[[SAEAdapter, EvalData, EvalConfig], EvalResult]] = {
+    "downstream": _downstream, "shrinkage": _shrinkage, "progressive": _progressive,
+    "probes": _probes, "ablation": _ablation, "n2g": _n2g,
+}
+assert tuple(RUNNERS) == EVALS
 
 
 def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict, dict]:
     """Run the enabled evals in order; returns (report, figures). An eval that fails is recorded
     under report["errors"] (unless cfg.strict) so one problem does not lose the others' results."""
     cfg = cfg or EvalConfig()
+    sae = as_adapter(sae)
     report: dict = {"metrics": {}, "details": {}, "seconds": {}, "errors": {}, "skipped": {},
                     "config": dataclasses.asdict(cfg), "data": data.info}
     figures: dict = {}
@@ -217,7 +230,7 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
             continue
         start = time.perf_counter()
         try:
-            r = _run_one(name, sae, data, cfg)
+            r = RUNNERS[name](sae, data, cfg)
         except Exception as e:  # noqa: BLE001 - recorded, see docstring
             if cfg.strict:
                 raise

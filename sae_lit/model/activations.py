@@ -3,8 +3,8 @@ against, and two later TopK variants.
 
 TopK itself lives in sae.py / kernels.py (it has the sparse training kernels). Everything
 here is dense by nature: every latent can fire, so these build the [B, n] codes and decode
-them with a GEMM. Each activation sees the SAE (for W_enc, b_enc, W_dec, b_dec) and the
-centred, normalised input x_c = x_norm - b_dec, and returns
+them with a GEMM. Each activation sees the SAE's weights (``Weights``: W_enc, b_enc, W_dec,
+b_dec) and the centred, normalised input x_c = x_norm - b_dec, and returns
 
 - ``z``: dense [B, n] codes used for the reconstruction;
 - ``penalty``: its sparsity penalty, unweighted (the module multiplies by ``l1_coeff``);
@@ -42,6 +42,24 @@ from sae_lit.model import losses
 DENSE_ACTIVATIONS = ("relu", "prolu", "gated", "batchtopk", "matryoshka")
 
 
+class Weights(NamedTuple):
+    """The SAE's parameters an activation reads (live tensors: gradients flow through them)."""
+
+    W_enc: Tensor
+    """[n, d_in] encoder rows."""
+    b_enc: Tensor
+    """[n] encoder bias."""
+    W_dec: Tensor
+    """[n, d_in] decoder rows (unit norm)."""
+    b_dec: Tensor
+    """[d_in] the paper's b_pre."""
+
+
+def pre_acts(w: Weights, x_c: Tensor) -> Tensor:
+    """W_enc x_c + b_enc: dense [B, n] pre-activations of inputs centred by b_dec."""
+    return torch.addmm(w.b_enc.to(x_c.dtype), x_c, w.W_enc.t().to(x_c.dtype))
+
+
 class ActOutput(NamedTuple):
     z: Tensor
     """[B, n] dense latent codes."""
@@ -58,14 +76,14 @@ class DenseActivation(nn.Module):
     uses_l1 = False
     supports_auxk = False
 
-    def forward(self, sae, x_c: Tensor) -> ActOutput:  # training codes
+    def forward(self, w: Weights, x_c: Tensor) -> ActOutput:  # training codes
         raise NotImplementedError
 
-    def infer(self, sae, x_c: Tensor) -> Tensor:
+    def infer(self, w: Weights, x_c: Tensor) -> Tensor:
         """Inference codes (differs from training for the batch-level variants)."""
-        return self.forward(sae, x_c).z
+        return self.forward(w, x_c).z
 
-    def extra_loss(self, sae, x_norm: Tensor, x_c: Tensor, out: ActOutput, denom: Tensor) -> Tensor:
+    def extra_loss(self, w: Weights, x_norm: Tensor, x_c: Tensor, out: ActOutput, denom: Tensor) -> Tensor:
         return denom.new_zeros(())
 
 
@@ -73,9 +91,9 @@ class ReLUActivation(DenseActivation):
     name = "relu"
     uses_l1 = True
 
-    def forward(self, sae, x_c):
-        z = sae.centred_pre_acts(x_c).relu()
-        return ActOutput(z, losses.l1_penalty(z, sae.W_dec.norm(dim=1)))
+    def forward(self, w, x_c):
+        z = pre_acts(w, x_c).relu()
+        return ActOutput(z, losses.l1_penalty(z, w.W_dec.norm(dim=1)))
 
 
 class _ProLUFn(torch.autograd.Function):
@@ -96,10 +114,10 @@ class ProLUActivation(DenseActivation):
     name = "prolu"
     uses_l1 = True
 
-    def forward(self, sae, x_c):
-        m = x_c @ sae.W_enc.t().to(x_c.dtype)
-        z = _ProLUFn.apply(m, sae.b_enc.to(x_c.dtype))
-        return ActOutput(z, losses.l1_penalty(z, sae.W_dec.norm(dim=1)))
+    def forward(self, w, x_c):
+        m = x_c @ w.W_enc.t().to(x_c.dtype)
+        z = _ProLUFn.apply(m, w.b_enc.to(x_c.dtype))
+        return ActOutput(z, losses.l1_penalty(z, w.W_dec.norm(dim=1)))
 
 
 class GatedActivation(DenseActivation):
@@ -112,18 +130,18 @@ class GatedActivation(DenseActivation):
         self.r_mag = nn.Parameter(torch.zeros(num_latents))
         self.b_mag = nn.Parameter(torch.zeros(num_latents))
 
-    def forward(self, sae, x_c):
-        W = sae.W_enc.to(x_c.dtype)
-        pi = sae.centred_pre_acts(x_c)
+    def forward(self, w, x_c):
+        W = w.W_enc.to(x_c.dtype)
+        pi = pre_acts(w, x_c)
         mag = torch.addmm(self.b_mag.to(x_c.dtype), x_c, (W * self.r_mag.exp().to(x_c.dtype)[:, None]).t()).relu()
         z = (pi > 0).to(mag.dtype) * mag
         gate = pi.relu()
-        return ActOutput(z, losses.l1_penalty(gate, sae.W_dec.norm(dim=1)), gate=gate)
+        return ActOutput(z, losses.l1_penalty(gate, w.W_dec.norm(dim=1)), gate=gate)
 
-    def extra_loss(self, sae, x_norm, x_c, out, denom):
+    def extra_loss(self, w, x_norm, x_c, out, denom):
         # The gate's own reconstruction through a frozen decoder: trains W_enc / b_enc to
         # open the gate where the latent helps, without moving the decoder.
-        recon = out.gate @ sae.W_dec.detach() + sae.b_dec.detach()
+        recon = out.gate @ w.W_dec.detach() + w.b_dec.detach()
         return losses.nmse(x_norm, recon, denom)
 
 
@@ -138,8 +156,8 @@ class BatchTopKActivation(DenseActivation):
         # theta < 0 means "not estimated yet": inference then falls back to per-token TopK.
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def forward(self, sae, x_c):
-        raw = sae.centred_pre_acts(x_c)
+    def forward(self, w, x_c):
+        raw = pre_acts(w, x_c)
         pre = raw.relu()
         flat = pre.flatten()
         keep = min(self.k * pre.shape[0], flat.numel())
@@ -157,8 +175,8 @@ class BatchTopKActivation(DenseActivation):
         z = pre * mask.view_as(pre)
         return ActOutput(z, pre.new_zeros(()), pre=raw.detach())
 
-    def infer(self, sae, x_c):
-        pre = sae.centred_pre_acts(x_c)
+    def infer(self, w, x_c):
+        pre = pre_acts(w, x_c)
         if float(self.threshold) < 0:
             v, i = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter_(1, i, v.relu())
@@ -175,12 +193,12 @@ class MatryoshkaActivation(BatchTopKActivation):
             raise ValueError(f"matryoshka_prefixes must lie in [1, num_latents={num_latents}], got {prefixes}")
         self.prefixes = prefixes
 
-    def extra_loss(self, sae, x_norm, x_c, out, denom):
+    def extra_loss(self, w, x_norm, x_c, out, denom):
         # Prefix reconstructions built up block by block: one dense decode in all.
         z, total = out.z, denom.new_zeros(())
-        recon, lo = sae.b_dec.expand_as(x_norm), 0
+        recon, lo = w.b_dec.expand_as(x_norm), 0
         for hi in self.prefixes[:-1]:
-            recon = recon + z[:, lo:hi] @ sae.W_dec[lo:hi]
+            recon = recon + z[:, lo:hi] @ w.W_dec[lo:hi]
             total = total + losses.nmse(x_norm, recon, denom)
             lo = hi
         return total

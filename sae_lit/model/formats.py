@@ -19,13 +19,15 @@ A Lightning checkpoint becomes such a folder with `python -m sae_lit.training.ex
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_lit.model.sae import TopKSAE
+from sae_lit.common import atomic_path, write_json_atomic
+from sae_lit.model.sae import SAEConfig, TopKSAE
 
 ARCHITECTURES = {"topk": "topk", "relu": "standard", "gated": "gated", "batchtopk": "jumprelu",
                  "matryoshka": "jumprelu", "prolu": "prolu"}
@@ -72,17 +74,16 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
         "reshape_activations": "none",
         "metadata": meta,
         # Our own keys (SAELens ignores them).
-        "sae_lit": {**sae.config(), "folded_input_scale": s},
+        "sae_lit": {**dataclasses.asdict(sae.cfg), "k_aux": sae.k_aux, "folded_input_scale": s},
     }
     if sae.activation == "topk":
         cfg["k"] = sae.k
         cfg["rescale_acts_by_decoder_norm"] = False
     # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
-    tmp_w, tmp_c = out / (WEIGHTS_NAME + ".tmp"), out / (CFG_NAME + ".tmp")
-    save_file(tensors, str(tmp_w))
-    tmp_c.write_text(json.dumps(cfg, indent=2))
-    tmp_w.replace(out / WEIGHTS_NAME)
-    tmp_c.replace(out / CFG_NAME)
+    # Weights first: cfg.json under its final name marks a complete folder.
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(out / CFG_NAME, cfg)
     return out
 
 
@@ -127,12 +128,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSAE:
             raise ValueError(f"{w_path}: per-latent JumpReLU thresholds are not supported (only one shared threshold)")
         activation = ours.get("activation", "batchtopk")
     k = int(cfg.get("k", ours.get("k", 1)))
-    sae = TopKSAE(
-        d_in, d_sae, k, activation=activation,
-        k_aux=ours.get("k_aux", 512), multi_topk=ours.get("multi_topk", False),
-        normalize="layer_norm" if norm == "layer_norm" else "none",
-        matryoshka_prefixes=ours.get("matryoshka_prefixes"),
-    )
+    # Our own keys describe training (AuxK, Multi-TopK, init); the SAELens keys decide the
+    # computation, so they win: the normalisation constant is folded into the weights.
+    sae = TopKSAE(SAEConfig.from_dict({
+        **ours, "d_in": d_in, "num_latents": d_sae, "k": k, "activation": activation,
+        "normalize": "layer_norm" if norm == "layer_norm" else "none",
+    }))
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].t())
         sae.b_enc.copy_(w["b_gate"] if arch == "gated" else w["b_enc"])

@@ -15,18 +15,74 @@ export.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from sae_lit.model import kernels, losses, native
-from sae_lit.model.activations import DENSE_ACTIVATIONS, compact, make_activation
+from sae_lit.model.activations import DENSE_ACTIVATIONS, Weights, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
 Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka"]
 BDecInit = Literal["geometric_median", "mean", "zero"]
+
+
+@dataclass
+class SAEConfig:
+    """Everything that defines an SAE's architecture and initialisation. TopKSAE is built
+    from it, the exported cfg.json stores it (under its ``sae_lit`` key) and the loader reads
+    it back; the training module takes it (``model.sae.*`` on the command line)."""
+
+    d_in: int = 0
+    """Activation width; filled in from the data (its cache manifest or the subject model)."""
+    num_latents: int = 4096
+    """Dictionary size n."""
+    k: int = 32
+    """Active latents per token (TopK; the per-token average for batchtopk / matryoshka)."""
+    activation: Activation = "topk"
+    """"topk" (the paper's); baselines "relu", "prolu", "gated" (trained with an L1 penalty,
+    see the module's l1_coeff); "batchtopk" and "matryoshka" (k per token on average, a
+    JumpReLU threshold at inference). See sae_lit.model.activations."""
+    k_aux: int = 512
+    """Dead latents per token that AuxK decodes (capped at num_latents / 2)."""
+    multi_topk: bool = False
+    """Also decode the top 4k latents, for the loss L(k) + L(4k)/8 (progressive codes)."""
+    normalize: Normalize = "constant"
+    """"constant": one dataset scale s with E||s x||^2 = d_in (folded into the export);
+    "layer_norm": per token; "none"."""
+    tied_init: bool = True
+    """Initialise W_enc as W_dec's transpose (paper sec. 2.4)."""
+    b_dec_init: BDecInit = "geometric_median"
+    """b_dec (the paper's b_pre) from the init sample's "geometric_median" (the paper's),
+    "mean", or "zero" (ablations)."""
+    matryoshka_prefixes: list[int] | None = None
+    """Nested dictionary sizes for "matryoshka" (default n/32, n/16, ..., n)."""
+    auxk_bf16: bool = False
+    """Run AuxK's dense dead-latent GEMMs in bf16 (fp32 accumulation): ~4x faster for that
+    part on CPUs with AMX / AVX512-BF16; the main loss stays fp32."""
+    seed: int | None = 0
+    """Seed of the random decoder (and untied encoder) init; None uses torch's global RNG."""
+
+    def __post_init__(self):
+        if self.activation != "topk" and self.activation not in DENSE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of topk, {', '.join(DENSE_ACTIVATIONS)}; got {self.activation!r}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zero"):
+            raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zero', got {self.b_dec_init!r}")
+        if self.normalize not in ("constant", "layer_norm", "none"):
+            raise ValueError(f"normalize must be 'constant', 'layer_norm' or 'none', got {self.normalize!r}")
+        if not 0 < self.k <= self.num_latents:
+            raise ValueError(f"k must be in [1, num_latents={self.num_latents}], got {self.k}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        """From a saved dict (cfg.json's ``sae_lit`` key, checkpoint hparams); keys this
+        version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class EncoderOutput(NamedTuple):
@@ -56,57 +112,67 @@ class ForwardOutput(NamedTuple):
     prefix NMSEs); 0 for TopK and ReLU."""
 
 
-class TopKSAE(nn.Module):
-    def __init__(
-        self,
-        d_in: int,
-        num_latents: int,
-        k: int = 32,
-        *,
-        activation: Activation = "topk",
-        k_aux: int = 512,
-        multi_topk: bool = False,
-        normalize: Normalize = "constant",
-        tied_init: bool = True,
-        auxk_bf16: bool = False,
-        b_dec_init: BDecInit = "geometric_median",
-        matryoshka_prefixes: list[int] | None = None,
-        seed: int | None = None,
-    ):
-        super().__init__()
-        if activation != "topk" and activation not in DENSE_ACTIVATIONS:
-            raise ValueError(f"activation must be one of topk, {', '.join(DENSE_ACTIVATIONS)}; got {activation!r}")
-        if b_dec_init not in ("geometric_median", "mean", "zero"):
-            raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zero', got {b_dec_init!r}")
-        if normalize not in ("constant", "layer_norm", "none"):
-            raise ValueError(f"normalize must be 'constant', 'layer_norm' or 'none', got {normalize!r}")
-        if not 0 < k <= num_latents:
-            raise ValueError(f"k must be in [1, num_latents={num_latents}], got {k}")
-        self.d_in, self.num_latents, self.k = d_in, num_latents, k
-        self.activation = activation
-        self.b_dec_init = b_dec_init
-        self.k_aux = min(k_aux, num_latents // 2)
-        self.multi_topk = multi_topk
-        self.normalize = normalize
-        # AuxK in bf16: the dead latents' pre-activations and the dense [B, n_dead] GEMMs of
-        # its forward and backward (fp32 accumulation), ~4x faster on CPUs with AMX /
-        # AVX512-BF16. Only the auxiliary loss of dead latents is affected.
-        self.auxk_bf16 = auxk_bf16
+class _Selection(NamedTuple):
+    """What the no-grad part of a TopK training step selected (see TopKSAE._select)."""
 
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(num_latents, d_in, generator=gen)
+    top_v: Tensor
+    """[B, k or 4k] pre-activations of the selected latents, sorted descending (not ReLU'd)."""
+    top_i: Tensor
+    """[B, k or 4k] their latent ids."""
+    dead_rows: Tensor | None
+    """Ids of the dead latents AuxK draws from (None: AuxK off or nobody dead)."""
+    aux_z: Tensor | None
+    """Dense [B, n_dead] block of ReLU'd top-k_aux values (the fused step's dense AuxK path)."""
+    aux_v: Tensor | None
+    """[B, k_aux] AuxK pre-activations (gather path)."""
+    aux_local: Tensor | None
+    """[B, k_aux] positions of aux_v in dead_rows."""
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, *args, **fields):
+        """``TopKSAE(cfg)`` with an SAEConfig, or the config's fields directly:
+        ``TopKSAE(d_in, num_latents, k, activation=..., ...)``."""
+        super().__init__()
+        if len(args) == 1 and not fields and isinstance(args[0], SAEConfig):
+            cfg = args[0]
+        else:
+            cfg = SAEConfig(*args, **fields)
+        if cfg.d_in <= 0:
+            raise ValueError(f"d_in must be positive, got {cfg.d_in}")
+        self.cfg = cfg
+        n, d = cfg.num_latents, cfg.d_in
+        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        W_dec = torch.randn(n, d, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
         # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
-        W_enc = W_dec.clone() if tied_init else torch.randn(num_latents, d_in, generator=gen) / math.sqrt(d_in)
+        W_enc = W_dec.clone() if cfg.tied_init else torch.randn(n, d, generator=gen) / math.sqrt(d)
         self.W_enc = nn.Parameter(W_enc)
-        self.b_enc = nn.Parameter(torch.zeros(num_latents))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
         # Dense activations own their extra parameters/buffers (Gated's r_mag, BatchTopK's theta).
-        self.act = None if activation == "topk" else make_activation(activation, num_latents, k, matryoshka_prefixes)
+        self.act = None if cfg.activation == "topk" else make_activation(cfg.activation, n, cfg.k, cfg.matryoshka_prefixes)
+        self.step_buffer = kernels.StepBuffer()
+
+    # Read-only views of the config, for callers that treat the SAE as the source of truth.
+    d_in = property(lambda self: self.cfg.d_in)
+    num_latents = property(lambda self: self.cfg.num_latents)
+    k = property(lambda self: self.cfg.k)
+    activation = property(lambda self: self.cfg.activation)
+    normalize = property(lambda self: self.cfg.normalize)
+    multi_topk = property(lambda self: self.cfg.multi_topk)
+    auxk_bf16 = property(lambda self: self.cfg.auxk_bf16)
+
+    @property
+    def k_aux(self) -> int:
+        return min(self.cfg.k_aux, self.cfg.num_latents // 2)
+
+    def weights(self) -> Weights:
+        return Weights(self.W_enc, self.b_enc, self.W_dec, self.b_dec)
 
     # ---------------------------------------------------------------- normalisation
     def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -145,7 +211,7 @@ class TopKSAE(nn.Module):
     def _encode_norm(self, x_norm: Tensor, k: int | None) -> EncoderOutput:
         if self.act is not None:
             # Dense codes compacted to the batch's largest L0 (zero-padded): k is ignored.
-            z = self.act.infer(self, x_norm - self.b_dec.to(x_norm.dtype))
+            z = self.act.infer(self.weights(), x_norm - self.b_dec.to(x_norm.dtype))
             return EncoderOutput(*compact(z))
         return self.select(self.pre_acts(x_norm), k)
 
@@ -177,127 +243,90 @@ class TopKSAE(nn.Module):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Training forward on raw activations [B, d_in]; losses in the normalised space.
 
-        ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss.
+        ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss. TopK runs
+        one no-grad GEMM + selection, then either the fused step (one hand-written backward,
+        kernels.TopKTrainStep) or, when the input itself requires grad (e.g. attribution),
+        the composable autograd path with the same values.
         """
         x_norm, stats = self.normalize_input(x)
         if self.act is not None:
             return self._forward_dense(x_norm, stats, dead_mask)
         x_c = x_norm - self.b_dec
-        k_sel = 4 * self.k if self.multi_topk else self.k
-        k_sel = min(k_sel, self.num_latents)
-        fused = not x.requires_grad  # one hand-written backward (kernels.TopKTrainStep)
-        dead_rows = aux_z = aux_v = aux_local = None
-        with torch.no_grad():
-            pre, bias = self._encoder_gemm(x_c)  # the one dense GEMM; bias None if already added
-            # Sorted (descending) so that the first k of the 4k Multi-TopK latents are the top k.
-            top_v, top_i = native.topk(pre, k_sel, bias=bias)
-            if dead_mask is not None and self.k_aux > 0:
-                dead_rows = dead_mask.nonzero().squeeze(1)
-                n_dead = dead_rows.numel()
-                if n_dead > 0:
-                    k_aux = min(self.k_aux, n_dead)
-                    if self.auxk_bf16:
-                        # A bf16 GEMM over the dead rows (AMX on recent CPUs) costs less than
-                        # gathering their columns from the fp32 result; AuxK is bf16 throughout.
-                        src = torch.addmm(
-                            self.b_enc[dead_rows].bfloat16(), x_c.bfloat16(), self.W_enc[dead_rows].bfloat16().t()
-                        )
-                        cols = None
-                    else:
-                        src, cols = pre, dead_rows  # the dead latents' columns of the GEMM
-                    src_bias = bias if cols is not None else None
-                    if fused and self._aux_is_dense(k_aux, n_dead):
-                        # Dense [B, n_dead] block of ReLU'd top-k_aux values, built in one pass.
-                        aux_z = native.aux_select(src, cols, k_aux, dense=True, bias=src_bias)[0]
-                    else:
-                        _, aux_v, aux_local = native.aux_select(src, cols, k_aux, dense=False, bias=src_bias)
-                        aux_v = aux_v.to(self.W_enc.dtype)
-                    del src
-            del pre
-            # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
-            top_v = top_v.to(self.W_enc.dtype)
-
-        has_dead = dead_rows is not None and dead_rows.numel() > 0
-        denom = losses.total_variance(x_norm)
-        zero = denom.new_zeros(())
-        if fused:
-            recon_k, recon_all, aux_hat = kernels.TopKTrainStep.apply(
-                self.W_enc, self.b_enc, self.W_dec, self.b_dec, x_c.detach(), top_i, top_v, self.k,
-                self.multi_topk, dead_rows if has_dead else None, aux_local, aux_v, aux_z,
-                torch.bfloat16 if self.auxk_bf16 else None,
-            )
-            values = top_v.relu()
-            aux_scale = losses.auxk_scale(dead_rows.numel(), self.k_aux) if has_dead else 0.0
-            nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat, aux_scale)
-        else:
-            # Composable path (gradients w.r.t. the input too), e.g. for attribution.
-            values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, top_i, top_v).relu()
-            recon_k = kernels.sparse_decode(values[:, : self.k], top_i[:, : self.k], self.W_dec) + self.b_dec
-            recon_all = kernels.sparse_decode(values, top_i, self.W_dec) + self.b_dec if self.multi_topk else None
-            aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local) if has_dead else None
-            nmse = losses.nmse(x_norm, recon_k, denom)
-            multi = losses.nmse(x_norm, recon_all, denom) if self.multi_topk else zero
-            auxk = zero
-            if has_dead:
-                auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, dead_rows.numel(), self.k_aux)
+        fused = not x.requires_grad
+        sel = self._select(x_c, dead_mask, fused)
+        step = self._fused_step if fused else self._autograd_step
+        recon_k, values, nmse, multi, auxk = step(x_norm, x_c, sel)
+        zero = nmse.new_zeros(())
         recon = self.denormalize(recon_k, stats)
-        return ForwardOutput(recon, values[:, : self.k], top_i[:, : self.k], nmse, auxk, multi, zero, zero)
+        return ForwardOutput(recon, values[:, : self.k], sel.top_i[:, : self.k], nmse, auxk, multi, zero, zero)
 
-    @staticmethod
-    def _aux_is_dense(k_aux: int, n_dead: int) -> bool:
-        # At >= 1/8 density a dense [B, n_dead] block (GEMMs) beats gathers and scatters.
-        return k_aux * 8 >= n_dead
+    @torch.no_grad()
+    def _select(self, x_c: Tensor, dead_mask: Tensor | None, fused: bool) -> _Selection:
+        """The one dense GEMM, the top-k (4k with Multi-TopK) and AuxK's top-k_aux of the dead."""
+        k_sel = min(4 * self.k if self.multi_topk else self.k, self.num_latents)
+        pre, bias = kernels.encoder_gemm(x_c, self.W_enc, self.b_enc, self.step_buffer)  # bias None if added
+        # Sorted (descending) so that the first k of the 4k Multi-TopK latents are the top k.
+        top_v, top_i = native.topk(pre, k_sel, bias=bias)
+        dead_rows = aux_z = aux_v = aux_local = None
+        if dead_mask is not None and self.k_aux > 0:
+            dead_rows = dead_mask.nonzero().squeeze(1)
+            n_dead = dead_rows.numel()
+            if n_dead == 0:
+                dead_rows = None
+            else:
+                k_aux = min(self.k_aux, n_dead)
+                if self.auxk_bf16:
+                    # A bf16 GEMM over the dead rows (AMX on recent CPUs) costs less than
+                    # gathering their columns from the fp32 result; AuxK is bf16 throughout.
+                    src = torch.addmm(
+                        self.b_enc[dead_rows].bfloat16(), x_c.bfloat16(), self.W_enc[dead_rows].bfloat16().t()
+                    )
+                    cols, src_bias = None, None
+                else:
+                    src, cols, src_bias = pre, dead_rows, bias  # the dead latents' columns of the GEMM
+                if fused and _aux_is_dense(k_aux, n_dead):
+                    # Dense [B, n_dead] block of ReLU'd top-k_aux values, built in one pass.
+                    aux_z = native.aux_select(src, cols, k_aux, dense=True, bias=src_bias)[0]
+                else:
+                    _, aux_v, aux_local = native.aux_select(src, cols, k_aux, dense=False, bias=src_bias)
+                    aux_v = aux_v.to(self.W_enc.dtype)
+                del src
+        del pre
+        # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
+        return _Selection(top_v.to(self.W_enc.dtype), top_i, dead_rows, aux_z, aux_v, aux_local)
 
-    def _dense_pre_acts(self, x_c: Tensor) -> Tensor:
-        """W_enc x_c + b_enc for all latents, into a reused buffer on CPU.
+    def _fused_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
+        """Reconstructions and losses through kernels.TopKTrainStep / ReconLosses (hand-written
+        backward; the input is data)."""
+        recon_k, recon_all, aux_hat = kernels.TopKTrainStep.apply(
+            self.W_enc, self.b_enc, self.W_dec, self.b_dec, x_c.detach(), sel.top_i, sel.top_v, self.k,
+            self.multi_topk, sel.dead_rows, sel.aux_local, sel.aux_v, sel.aux_z,
+            torch.bfloat16 if self.auxk_bf16 else None,
+        )
+        aux_scale = losses.auxk_scale(sel.dead_rows.numel(), self.k_aux) if sel.dead_rows is not None else 0.0
+        denom = losses.total_variance(x_norm)
+        nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat, aux_scale)
+        return recon_k, sel.top_v.relu(), nmse, multi, auxk
 
-        A fresh [B, n] result costs ~20% of the GEMM in page faults on CPU; CUDA's caching
-        allocator has no such cost, and autocast does not allow out=.
-        """
-        if x_c.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return torch.addmm(self.b_enc, x_c, self.W_enc.t())
-        return torch.addmm(self.b_enc, x_c, self.W_enc.t(), out=self._step_buffer(x_c.shape[0], x_c.dtype))
-
-    def _step_buffer(self, batch: int, dtype: torch.dtype) -> Tensor:
-        """The reused [batch, n] CPU buffer for the encoder GEMM's output."""
-        buf = getattr(self, "_pre_buffer", None)
-        if buf is None or buf.shape != (batch, self.num_latents) or buf.dtype != dtype:
-            buf = self._pre_buffer = torch.empty(batch, self.num_latents, dtype=dtype)
-        return buf
-
-    def release_buffers(self) -> None:
-        """Free the reused [B, n] encoder-output buffer of the CPU training step (it comes
-        back on the next training forward); SAEModule calls this around validation and at
-        the end of training so that evaluation does not hold it next to its own."""
-        self.__dict__.pop("_pre_buffer", None)
-
-    def _encoder_gemm(self, x_c: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(pre, bias): the encoder GEMM for the training step's selections.
-
-        With the native CPU kernels the bias is left out of the [B, n] result (``bias`` =
-        b_enc, added by the selection kernels on the fly), which saves a broadcast pass over
-        the whole output; otherwise pre = W_enc x_c + b_enc and ``bias`` is None.
-        """
-        if x_c.device.type != "cpu" or self.W_enc.dtype != torch.float32 or not native.available():
-            return self._dense_pre_acts(x_c), None
-        if torch.is_autocast_enabled("cpu"):
-            if torch.get_autocast_dtype("cpu") != torch.bfloat16:
-                return self._dense_pre_acts(x_c), None
-            dt = torch.bfloat16  # what autocast would run the GEMM in (AMX on recent Xeons)
-        elif x_c.dtype == torch.float32:
-            dt = torch.float32
-        else:
-            return self._dense_pre_acts(x_c), None
-        buf = self._step_buffer(x_c.shape[0], dt)
-        with torch.autocast("cpu", enabled=False):  # autocast refuses out=; cast by hand instead
-            torch.mm(x_c.detach().to(dt), self.W_enc.detach().to(dt).t(), out=buf)
-        return buf, self.b_enc.detach()
+    def _autograd_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
+        """The same step from composable autograd functions (gradients w.r.t. the input too)."""
+        values = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, sel.top_i, sel.top_v).relu()
+        recon_k = kernels.sparse_decode(values[:, : self.k], sel.top_i[:, : self.k], self.W_dec) + self.b_dec
+        denom = losses.total_variance(x_norm)
+        nmse = losses.nmse(x_norm, recon_k, denom)
+        multi = auxk = nmse.new_zeros(())
+        if self.multi_topk:
+            multi = losses.nmse(x_norm, kernels.sparse_decode(values, sel.top_i, self.W_dec) + self.b_dec, denom)
+        if sel.dead_rows is not None:
+            aux_hat = self._aux_reconstruction(x_c.detach(), sel.dead_rows, sel.aux_v, sel.aux_local)
+            auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, sel.dead_rows.numel(), self.k_aux)
+        return recon_k, values, nmse, multi, auxk
 
     def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
         """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).
         The input is detached, so AuxK trains only the dead latents' encoder and decoder
         rows; it never moves b_dec or live latents."""
-        if self._aux_is_dense(aux_v.shape[1], dead_rows.numel()):
+        if _aux_is_dense(aux_v.shape[1], dead_rows.numel()):
             z = kernels.subset_encode(x_c, self.W_enc, self.b_enc, dead_rows, aux_local, aux_v)
             return z @ self.W_dec[dead_rows]
         idx = dead_rows[aux_local]
@@ -307,11 +336,12 @@ class TopKSAE(nn.Module):
     def _forward_dense(self, x_norm: Tensor, stats, dead_mask: Tensor | None) -> ForwardOutput:
         # The baselines are dense by nature (every latent can fire): plain autograd.
         x_c = x_norm - self.b_dec
-        out = self.act(self, x_c)
+        w = self.weights()
+        out = self.act(w, x_c)
         recon_n = out.z @ self.W_dec + self.b_dec
         denom = losses.total_variance(x_norm)
         nmse = losses.nmse(x_norm, recon_n, denom)
-        extra = self.act.extra_loss(self, x_norm, x_c, out, denom)
+        extra = self.act.extra_loss(w, x_norm, x_c, out, denom)
         zero = nmse.new_zeros(())
         auxk = zero
         if dead_mask is not None and self.act.supports_auxk and self.k_aux > 0:
@@ -323,6 +353,10 @@ class TopKSAE(nn.Module):
                 auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
         idx = torch.arange(self.num_latents, device=out.z.device).expand_as(out.z)
         return ForwardOutput(self.denormalize(recon_n, stats), out.z, idx, nmse, auxk, zero, out.penalty, extra)
+
+    def release_buffers(self) -> None:
+        """Free the CPU training step's reused [B, n] buffer (it comes back on the next step)."""
+        self.step_buffer.release()
 
     # ---------------------------------------------------------------- invariants
     @torch.no_grad()
@@ -352,22 +386,18 @@ class TopKSAE(nn.Module):
                 scale = math.sqrt(self.d_in / sample.pow(2).sum(1).mean().item())
             self.input_scale.fill_(scale)
         x_norm, _ = self.normalize_input(sample)
-        if self.b_dec_init == "geometric_median":
+        if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(x_norm, max_iter=max_iter))
-        elif self.b_dec_init == "mean":
+        elif self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(x_norm.mean(0))
         else:
             self.b_dec.zero_()
         self.initialized.fill_(True)
 
-    # ---------------------------------------------------------------- persistence
-    def config(self) -> dict:
-        return dict(
-            d_in=self.d_in, num_latents=self.num_latents, k=self.k, activation=self.activation,
-            k_aux=self.k_aux, multi_topk=self.multi_topk, normalize=self.normalize, auxk_bf16=self.auxk_bf16,
-            b_dec_init=self.b_dec_init,
-            **({"matryoshka_prefixes": self.act.prefixes} if self.activation == "matryoshka" else {}),
-        )
+
+def _aux_is_dense(k_aux: int, n_dead: int) -> bool:
+    # At >= 1/8 density a dense [B, n_dead] block (GEMMs) beats gathers and scatters.
+    return k_aux * 8 >= n_dead
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ included). Runs on global rank 0 only; the other ranks wait at the next collecti
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from lightning.pytorch.callbacks import Callback
 
 from sae_lit.evals.report import close_figures, log_tensorboard, write_report
 from sae_lit.evals.suite import EvalConfig, data_from_datamodule, run_suite
+from sae_lit.model.sae import TopKSAE
+from sae_lit.training.module import SAEModule
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +71,11 @@ class EvalSuite(Callback):
         if dm is None:
             log.warning("%s: no datamodule attached to the trainer; nothing to evaluate on.", type(self).__name__)
             return
-        sae = getattr(pl_module, "eval_sae", None) or getattr(pl_module, "sae", None) or pl_module
-        was_training = sae.training if hasattr(sae, "training") else False
-        if hasattr(sae, "eval"):
-            sae.eval()
+        if not isinstance(pl_module, SAEModule):
+            raise TypeError(f"{type(self).__name__} evaluates an SAEModule's SAE, got {type(pl_module).__name__}")
+        sae = pl_module.eval_sae
+        was_training = sae.training
+        sae.eval()
         try:
             # Lightning runs validation hooks under inference_mode; the evals only need no_grad,
             # and tensors made under inference_mode cannot be reused by later training steps.
@@ -79,7 +83,7 @@ class EvalSuite(Callback):
                 data = data_from_datamodule(dm, self.config, device=pl_module.device)
                 report, figures = run_suite(sae, data, self.config)
         finally:
-            if was_training and hasattr(sae, "train"):
+            if was_training:
                 sae.train()
         report.update(stage=stage, global_step=int(trainer.global_step), sae=_sae_summary(sae))
         self._log(trainer, report, figures)
@@ -103,9 +107,8 @@ class EvalSuite(Callback):
         print(f"Evaluation ({report['stage']}, step {step}): {shown}\nReport: {path}")
 
 
-def _sae_summary(sae) -> dict:
-    cfg = getattr(sae, "config", None)
-    return cfg() if callable(cfg) else {"type": type(sae).__name__}
+def _sae_summary(sae: TopKSAE) -> dict:
+    return dataclasses.asdict(sae.cfg)
 
 
 # --- one eval each, for configs that want only some of them at their own cadence ---------------

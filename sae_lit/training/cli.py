@@ -4,6 +4,7 @@ A LightningCLI over SAEModule and any LightningDataModule; d_in comes from the d
 """
 from __future__ import annotations
 
+import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
@@ -14,10 +15,13 @@ class SAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module knows the activation width (from its cache manifest or the subject
         # model's config) once it is built; the SAE is built after it.
-        parser.link_arguments("data", "model.d_in", compute_fn=lambda dm: dm.d_in, apply_on="instantiate")
+        parser.link_arguments("data", "model.sae.d_in", compute_fn=lambda dm: dm.d_in, apply_on="instantiate")
 
 
 def cli_main(args=None, run: bool = True) -> SAECLI:
+    # The config dataclasses (SAEConfig, CacheConfig) document each field in a docstring
+    # under it; this shows those in --help and --print_config=comments.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return SAECLI(
         SAEModule,
         L.LightningDataModule,

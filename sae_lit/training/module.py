@@ -3,6 +3,7 @@ logging, EMA and export. The SAE itself (sae.py) knows nothing of Lightning."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Literal
@@ -11,9 +12,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sae_lit.common import acts_of
+from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
-from sae_lit.model.sae import Activation, BDecInit, Normalize, TopKSAE
+from sae_lit.model.sae import SAEConfig, TopKSAE
 
 
 def default_lr(num_latents: int) -> float:
@@ -24,20 +27,10 @@ def default_lr(num_latents: int) -> float:
 class SAEModule(L.LightningModule):
     def __init__(
         self,
-        d_in: int,
-        num_latents: int = 4096,
-        k: int = 32,
-        activation: Activation = "topk",
-        k_aux: int = 512,
+        sae: SAEConfig,
         auxk_alpha: float = 1 / 32,
         dead_tokens: int = 10_000_000,
-        multi_topk: bool = False,
         l1_coeff: float = 0.0,
-        normalize: Normalize = "constant",
-        tied_init: bool = True,
-        auxk_bf16: bool = False,
-        b_dec_init: BDecInit = "geometric_median",
-        matryoshka_prefixes: list[int] | None = None,
         lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 6.25e-10,
@@ -47,28 +40,14 @@ class SAEModule(L.LightningModule):
         ema_decay: float | None = None,
         init_sample_size: int = 32768,
         histogram_every_n_steps: int = 200,
-        seed: int = 0,
     ):
         """
         Args:
-            d_in: activation width (linked from the data module by the CLI).
-            num_latents: dictionary size n.
-            k: active latents per token (TopK).
-            activation: "topk" (the paper's); baselines "relu", "prolu", "gated" (set l1_coeff);
-                "batchtopk" and "matryoshka" (k active per token on average; see activations.py).
-            k_aux: dead latents used by AuxK per token (capped at num_latents / 2).
+            sae: the SAE's architecture (sae_lit.model.sae.SAEConfig; its d_in is linked from
+                the data module by the CLI), or an already built TopKSAE to train.
             auxk_alpha: AuxK loss weight; 0 turns AuxK off (TopK, BatchTopK, Matryoshka).
             dead_tokens: a latent is dead after this many training tokens without firing.
-            multi_topk: add L(4k)/8 to the loss (progressive codes).
             l1_coeff: L1 penalty weight (ReLU, ProLU, Gated).
-            normalize: "constant" (one dataset scale, folded into the export), "layer_norm"
-                (per token) or "none".
-            tied_init: initialise W_enc = W_dec^T.
-            b_dec_init: b_dec (the paper's b_pre) from the sample's "geometric_median" (the
-                paper's), "mean", or "zero" (ablations).
-            matryoshka_prefixes: nested dictionary sizes for "matryoshka" (default n/32 ... n).
-            auxk_bf16: run AuxK's dense dead-latent GEMMs in bf16 (fp32 accumulation);
-                ~4x faster for that part on CPUs with AMX; the main loss stays fp32.
             lr: Adam learning rate; None -> 2e-4 / sqrt(num_latents / 2^14).
             warmup_steps: linear warmup length in optimizer steps.
             lr_decay: schedule after warmup; decay starts at decay_start * total steps.
@@ -77,25 +56,30 @@ class SAEModule(L.LightningModule):
             histogram_every_n_steps: how often the latent-density histogram is logged.
         """
         super().__init__()
+        if isinstance(sae, TopKSAE):
+            self.sae = sae
+        else:
+            self.sae = TopKSAE(SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae)
+        cfg = self.sae.cfg
+        # save_hyperparameters reads the init arguments from this frame: saving the SAE's
+        # config as a plain dict keeps hparams.yaml readable and lets a checkpoint rebuild the
+        # SAE (an injected module is saved as its config + state dict).
+        sae = dataclasses.asdict(cfg)
         self.save_hyperparameters()
-        self.sae = TopKSAE(
-            d_in, num_latents, k, activation=activation, k_aux=k_aux, multi_topk=multi_topk,
-            normalize=normalize, tied_init=tied_init, auxk_bf16=auxk_bf16, b_dec_init=b_dec_init,
-            matryoshka_prefixes=matryoshka_prefixes, seed=seed,
-        )
         self.ema: TopKSAE | None = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(self.sae).requires_grad_(False)
-        self.lr = lr if lr is not None else default_lr(num_latents)
+        self.lr = lr if lr is not None else default_lr(cfg.num_latents)
+        n = cfg.num_latents
         # Training tokens since each latent last fired (value > 0 in the top k). Global over
         # ranks: every rank adds the global batch and resets on any rank's firing.
-        self.register_buffer("tokens_since_fired", torch.zeros(num_latents, dtype=torch.int64))
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("fire_window", torch.zeros(num_latents), persistent=False)
+        self.register_buffer("fire_window", torch.zeros(n), persistent=False)
         self._window_tokens = 0
-        self.val_nmse = NMSE(d_in)
+        self.val_nmse = NMSE(cfg.d_in)
         self.val_l0 = MeanL0()
-        self.val_firing = FiringCounts(num_latents)
+        self.val_firing = FiringCounts(n)
         self.export_metadata: dict = {}
 
     # ------------------------------------------------------------------ setup
@@ -107,17 +91,19 @@ class SAEModule(L.LightningModule):
         if self.device.type == "cpu":
             native.keep_freed_memory()  # no page faults on the step's large temporaries
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "export_metadata"):
-            self.export_metadata = dm.export_metadata()
+        source = dm if isinstance(dm, ActivationSource) else None
+        if source is not None:
+            self.export_metadata = source.export_metadata()
         if bool(self.sae.initialized):
             return  # resumed from a checkpoint, or initialised by the user
-        if dm is None or not hasattr(dm, "init_sample"):
+        if source is None:
             raise RuntimeError(
-                "SAEModule needs a data-dependent init (geometric-median b_dec, input scale): "
-                "fit with a datamodule that has init_sample(n), or call module.sae.init_from_data(sample) first."
+                "SAEModule needs a data-dependent init (geometric-median b_dec, input scale): fit with a data "
+                "module that is a sae_lit.data.source.ActivationSource (d_in, norm_scale, init_sample, "
+                "export_metadata), or call module.sae.init_from_data(sample) first."
             )
-        sample = dm.init_sample(self.hparams.init_sample_size).to(self.device)
-        self.sae.init_from_data(sample, scale=getattr(dm, "norm_scale", None))
+        sample = source.init_sample(self.hparams.init_sample_size).to(self.device)
+        self.sae.init_from_data(sample, scale=source.norm_scale)
         # The sample is deterministic and identical on every rank; broadcast anyway so that a
         # nondeterministic reduction order cannot leave the ranks with different biases.
         for t in (self.sae.b_dec.data, self.sae.input_scale):
@@ -127,7 +113,7 @@ class SAEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        x = _acts(batch)
+        x = acts_of(batch)
         hp = self.hparams
         act = self.sae.act
         auxk_on = hp.auxk_alpha > 0 and (act is None or act.supports_auxk)
@@ -136,7 +122,7 @@ class SAEModule(L.LightningModule):
         loss = out.nmse + out.extra_loss
         if auxk_on:
             loss = loss + hp.auxk_alpha * out.auxk_loss
-        if hp.multi_topk and act is None:
+        if self.sae.multi_topk and act is None:
             loss = loss + out.multi_topk_nmse / 8
         if act is not None and act.uses_l1:
             loss = loss + hp.l1_coeff * out.l1_loss
@@ -150,13 +136,13 @@ class SAEModule(L.LightningModule):
              "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
             on_step=True, on_epoch=False, batch_size=x.shape[0],
         )
-        if hp.multi_topk:
+        if self.sae.multi_topk:
             self.log("train/multi_topk_nmse", out.multi_topk_nmse.detach(), on_step=True, batch_size=x.shape[0])
         return loss
 
     @torch.no_grad()
     def _track_firing(self, values: Tensor, indices: Tensor, batch_tokens: int) -> None:
-        counts = torch.bincount(indices[values > 0], minlength=self.hparams.num_latents).float()
+        counts = torch.bincount(indices[values > 0], minlength=self.sae.num_latents).float()
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
@@ -221,7 +207,7 @@ class SAEModule(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_step(self, batch: Tensor) -> None:
-        x = _acts(batch)
+        x = acts_of(batch)
         recon, (values, indices) = self.eval_sae.encode_decode(x)
         self.val_nmse.update(x, recon)
         self.val_l0.update(values)
@@ -271,12 +257,3 @@ class SAEModule(L.LightningModule):
 
         out = export_sae(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
         print(f"Exported SAE to {out}")
-
-
-def _acts(batch) -> Tensor:
-    """Activations from a batch: a tensor, or a dict / tuple whose first item is one."""
-    if isinstance(batch, dict):
-        batch = batch["acts"]
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
