@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_model
 from sae_lit.evals.downstream import downstream_loss
-from sae_lit.evals.progressive import jumprelu_threshold, progressive_recovery
+from sae_lit.evals.progressive import jumprelu_threshold, jumprelu_thresholds, progressive_recovery
 from sae_lit.evals.shrinkage import nnls, shrinkage
 from sae_lit.model.sae import TopKSAE
 
@@ -177,7 +177,28 @@ def test_progressive_recovery_on_exact_k_sparse_data():
     # Every input has exactly 4 positive coordinates: any threshold in [0, min value) gives L0 4.
     assert r.details["jumprelu"]["l0"] == pytest.approx(4.0)
     assert r.details["jumprelu"]["nmse"] < 1e-10
+    # The threshold sweep: targets k/2 .. 4k by sqrt 2, thresholds falling as the target grows
+    curve = r.details["jumprelu_curve"]
+    assert [c["target_l0"] for c in curve] == pytest.approx([4 * 2 ** (e / 2) for e in range(-2, 5)])
+    assert all(a["threshold"] >= b["threshold"] for a, b in zip(curve, curve[1:]))
+    assert curve[0]["l0"] == pytest.approx(2.0) and curve[0]["nmse"] > 1e-3
+    d = r.details["topk_4k_minus_k"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and d["mean"] == pytest.approx(topk["16"]["nmse"] - topk["4"]["nmse"])
     assert "eval/progressive_recovery" in r.figures
+
+
+def test_jumprelu_thresholds_give_the_target_l0_by_brute_force():
+    """On continuous random pre-activations every target L0 (x N tokens an integer) is met
+    exactly on the calibration data, counted over the dense pre-activations."""
+    g = torch.Generator().manual_seed(0)
+    sae = TopKSAE(16, 64, k=4, normalize="none", seed=0)
+    x = torch.randn(200, 16, generator=g)
+    targets = [2.0, 4.0, 5.5, 16.0]
+    thetas = jumprelu_thresholds(sae, x, targets, batch_size=64)
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
+    for target, theta in zip(targets, thetas):
+        assert (pre > theta).sum().item() == round(target * 200)
 
 
 def test_jumprelu_threshold_hand_computed():

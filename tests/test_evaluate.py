@@ -16,8 +16,9 @@ from conftest import make_datamodule
 TINY_EVALS = dict(
     downstream_contexts=4, activation_tokens=128, calibration_tokens=128, lm_batch_size=4,
     probe_code_snippets=24, probe_pydoc_snippets=8, probe_kjv_snippets_per_genre=4, probe_snippet_tokens=32,
-    probe_max_per_class=24, ablation_contexts=2, ablation_pairs_per_context=2, ablation_context_length=16,
-    n2g_latents=4, n2g_blocks=8, n2g_top_examples=4, n2g_max_suffix=3,
+    probe_max_per_class=24, ablation_contexts=2, ablation_positions_per_context=2, ablation_latents_per_position=2,
+    ablation_context_length=16, ablation_window=8, n2g_latents=4, n2g_blocks=8, n2g_top_examples=4,
+    n2g_random_examples=2, n2g_max_suffix=3,
 )
 
 

@@ -43,6 +43,24 @@ def test_expand_dedupes_runs_shared_by_groups(tmp_path):
     assert over["model.lr"] == pytest.approx(1e-3 * (2**14 / 128) ** 0.5) and "lr_mult" not in over
 
 
+def test_seed_replicates_reseed_the_sae_and_the_stream(tmp_path):
+    spec = sweep.read_sweep(_spec(tmp_path, {"a": {"grid": {"seed": [0, 2]}}}))
+    spec["defaults"]["seed"] = 0
+    runs = {r.name: r for r in sweep.expand(spec)}
+    assert sorted(runs) == ["topk-n128-k8", "topk-n128-k8-seed2"]  # seed 0 keeps the name it had
+    over = sweep.cli_overrides(runs["topk-n128-k8-seed2"], spec)
+    assert over["seed_everything"] == over["model.sae.seed"] == over["data.init_args.seed"] == 2 and "seed" not in over
+
+
+def test_an_eval_measured_at_an_older_version_is_measured_again():
+    from sae_lit.evals.suite import EVAL_VERSIONS
+
+    row = {"evals": "downstream;probes;shrinkage@2"}  # bare names: version 1
+    assert EVAL_VERSIONS["probes"] > 1 and EVAL_VERSIONS["downstream"] == 1
+    assert sweep.evals_done(row) == {"downstream", "shrinkage"}
+    assert sweep.evals_done({"evals": sweep.evals_field(["probes", "n2g"])}) == {"probes", "n2g"}
+
+
 def test_tiny_sweep_runs_resumes_and_writes_tables(tmp_path):
     path = _spec(tmp_path, {
         "nk": {"grid": {"model.sae.k": [4, 8]}},
@@ -72,7 +90,7 @@ def test_tiny_sweep_runs_resumes_and_writes_tables(tmp_path):
     rows = sweep.main(["--config", str(path)])
     assert done.stat().st_mtime_ns != stamp
     by = {r["run"]: r for r in sweep.read_table(root / "results.csv")}
-    assert by["topk-n128-k4"]["eval/shrinkage"] > 0 and by["topk-n128-k4"]["evals"] == "shrinkage"
+    assert by["topk-n128-k4"]["eval/shrinkage"] > 0 and by["topk-n128-k4"]["evals"] == "shrinkage@2"
     assert len(list((root / "runs" / "topk-n128-k4" / "lightning_logs").iterdir())) == 1  # not retrained
 
 

@@ -42,14 +42,15 @@ import yaml
 from jsonargparse import ActionYesNo, ArgumentParser
 
 from sae_lit.common import atomic_path, write_json_atomic
+from sae_lit.evals.suite import EVAL_VERSIONS
 
 log = logging.getLogger(__name__)
 
 NAME_KEYS = ("model.sae.activation", "model.sae.num_latents", "model.sae.k")
 SHORT = {"model.sae.activation": "", "model.sae.num_latents": "n", "model.sae.k": "k", "model.lr": "lr", "lr_mult": "lrx",
          "model.l1_coeff": "l1", "model.sae.multi_topk": "multi", "model.sae.tied_init": "tied", "model.auxk_alpha": "auxk",
-         "model.sae.b_dec_init": "bdec", "trainer.max_steps": "steps", "model.dead_tokens": "dead"}
-SWEEP_KEYS = {"lr_mult"}  # settings the sweep interprets itself (not passed to the CLI)
+         "model.sae.b_dec_init": "bdec", "trainer.max_steps": "steps", "model.dead_tokens": "dead", "seed": "seed"}
+SWEEP_KEYS = {"lr_mult", "seed"}  # settings the sweep interprets itself (not passed to the CLI)
 
 
 @dataclasses.dataclass
@@ -120,6 +121,11 @@ def cli_overrides(run: Run, spec: dict) -> dict:
     if "lr_mult" in run.settings:
         n = int(over["model.sae.num_latents"])
         over["model.lr"] = float(run.settings["lr_mult"]) * float(spec["lr_at_16k"]) * math.sqrt(2**14 / n)
+    if "seed" in run.settings:
+        # A replicate: another SAE init and another training stream (seed_everything alone
+        # reaches neither: both take their own seeds).
+        seed = int(run.settings["seed"])
+        over.update({"seed_everything": seed, "model.sae.seed": seed, "data.init_args.seed": seed})
     return over
 
 
@@ -153,7 +159,7 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
         "auxk_alpha": hp.auxk_alpha, "b_dec_init": sae.b_dec_init, "dead_tokens": hp.dead_tokens,
         "steps": trainer.global_step, "batch_size": batch, "tokens": tokens,
         "flops": 6.0 * sae.d_in * sae.num_latents * tokens, "train_seconds": round(train_seconds, 1),
-        "train/dead_frac_end": dead_train,
+        "train/dead_frac_end": dead_train, "seed": int(run.settings.get("seed", 0)),
         **{k: float(v) for k, v in final.items()},
     }
     return row, curve_from_events(trainer.log_dir, run.name, batch)
@@ -229,7 +235,7 @@ def run_sweep(spec: dict, only: list[str] | None = None) -> list[dict]:
             log.info("[%d/%d] %s: trained; evaluating %s", i + 1, len(runs), run.name, ", ".join(missing))
             log_dir = Path(row["log_dir"])
             row.update(evaluator(dataclasses.replace(run, evals=missing), log_dir / "sae", log_dir / "eval", merge=True))
-            row["evals"] = ";".join(sorted(have | set(missing)))
+            row["evals"] = evals_field(have | set(missing))
             _write_result(done, row, res["curve"])
             continue
         log.info("[%d/%d] %s (%s)", i + 1, len(runs), run.name, ", ".join(run.groups))
@@ -237,7 +243,7 @@ def run_sweep(spec: dict, only: list[str] | None = None) -> list[dict]:
         row, curve = train_run(run, spec, run_dir)
         sae_dir = Path(row["log_dir"]) / "sae"
         row.update(evaluator(run, sae_dir, Path(row["log_dir"]) / "eval"))
-        row["evals"] = ";".join(run.evals)
+        row["evals"] = evals_field(run.evals)
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
         row["settings"] = json.dumps(run.settings, sort_keys=True)
         _write_result(done, row, curve)
@@ -251,15 +257,31 @@ def _write_result(path: Path, row: dict, curve: list[dict]) -> None:
 
 
 def evals_done(row: dict) -> set[str]:
-    """The evals a finished run has had: its ``evals`` field, or (older results) those its
-    eval report records as run, skipped or failed."""
+    """The evals a finished run has had at their current version (``EVAL_VERSIONS``): its
+    ``evals`` field ("name@version"; a bare name is version 1), or (older results) those its
+    eval report records as run, skipped or failed. An eval whose definition changed since is
+    not done: the sweep measures it again."""
     if row.get("evals") is not None:
-        return set(filter(None, str(row["evals"]).split(";")))
-    path = Path(str(row.get("log_dir", ""))) / "eval" / "report.json"
-    if not path.is_file():
-        return set()
-    report = json.loads(path.read_text())
-    return set(report.get("seconds", {})) | set(report.get("skipped", {})) | set(report.get("errors", {}))
+        names = list(filter(None, str(row["evals"]).split(";")))
+    else:
+        path = Path(str(row.get("log_dir", ""))) / "eval" / "report.json"
+        if not path.is_file():
+            return set()
+        report = json.loads(path.read_text())
+        versions = report.get("versions", {})
+        names = [f"{n}@{versions.get(n, 1)}" for n in
+                 set(report.get("seconds", {})) | set(report.get("skipped", {})) | set(report.get("errors", {}))]
+    done = set()
+    for entry in names:
+        name, _, version = entry.partition("@")
+        if int(version or 1) == EVAL_VERSIONS.get(name, 1):
+            done.add(name)
+    return done
+
+
+def evals_field(names) -> str:
+    """The ``evals`` column: each eval with the version it was measured at."""
+    return ";".join(f"{n}@{EVAL_VERSIONS.get(n, 1)}" for n in sorted(names))
 
 
 def write_tables(spec: dict) -> list[dict]:

@@ -1,99 +1,243 @@
 """Ablation sparsity (PAPER.md "Metrics"; Gao et al. sec. 4.5): how many output logits one
 latent at one token moves.
 
-For a sampled (latent j, token t) with the latent active, the hookpoint activation at t becomes
-x_t - z_tj d_j (d_j the latent's raw-space decoder vector): the SAE's error term stays in, so
-only that latent's contribution is removed and everything else is the clean forward. With
-Delta the change of the logits [T - t, V] at t and every later position,
+For a sampled (latent i, position t) with the latent active at t, the hookpoint activation at
+t becomes x_t − z_ti·d_i (d_i the latent's raw-space decoder vector): only that latent's
+contribution is removed, the SAE's error term stays in. Δ = the change of the V logits at t and
+at the T − 1 positions after it (T = ``window`` = 16, so only positions with t + T ≤ context
+length are sampled). At each position the median of its V differences is subtracted (a
+constant shift leaves the softmax unchanged), the T positions are concatenated into V·T
+numbers, and
 
-    sparsity = (||Delta||_1 / ||Delta||_2)^2 / (V (T - t))
+    sparsity = (‖Δ‖₁ / ‖Δ‖₂)² / (V·T)
 
-which is 1/(V (T - t)) when a single logit moves and 1 when all move equally. The details
-also give the same measure after removing each position's mean logit change
-(``*_centered``): softmax ignores a uniform shift, which the plain measure counts as dense.
-``eval/ablation_sparsity`` averages it over pairs; the baseline ablates raw hookpoint channels
-(x_tc -> 0) at the same kind of tokens (``eval/ablation_sparsity_residual``).
+which is 1/(V·T) when one logit moves and about 2/π for a dense Gaussian effect. The baseline
+zeroes one random residual channel at the same positions (paper: ≈ 0.6 for GPT-2 small).
+
+The subject model runs in float32 whatever its dtype elsewhere (bfloat16 rounding moves every
+logit a little, which this measure would count as a dense effect). Each position's ablations
+run in one batch with an unedited row, continuing the same cached prefix, so the clean and the
+ablated logits come from the same computation; ``details["noise_floor"]`` is the largest
+logit difference left by a zero edit, the floor under every Δ.
+
+Intervals: percentile bootstrap over contexts (pairs in one context share its text).
 """
 from __future__ import annotations
 
+import copy
+import inspect
+import logging
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from sae_lit.evals.adapter import as_adapter
-from sae_lit.evals.lm import edit_hookpoint, hook_acts, logits
+from sae_lit.evals.lm import edit_hookpoint, float32_model, hook_acts, model_device
 from sae_lit.evals.result import EvalResult
+from sae_lit.evals.stats import bootstrap_ci, mean_ci
+
+log = logging.getLogger(__name__)
+
+WINDOW = 16  # T in the paper
 
 
-def sparsity_of(delta: Tensor, center: bool = False) -> float:
-    """(||D||_1 / ||D||_2)^2 / numel for one Delta-logits tensor [T', V]; nan if nothing moved.
-    center: subtract each position's mean over the vocabulary first."""
+def sparsity_of(delta: Tensor, center: str | None = "median") -> float:
+    """(‖Δ‖₁/‖Δ‖₂)² / numel of Δ [T, V] after subtracting each position's median (``center``
+    "median", the paper's), mean ("mean") or nothing (None); nan if nothing moved."""
     d = delta.double()
-    if center:
+    if center == "median":
+        s = d.sort(-1).values
+        V = d.shape[-1]
+        d = d - (s[..., (V - 1) // 2] + s[..., V // 2]).unsqueeze(-1) / 2  # the true median for even V too
+    elif center == "mean":
         d = d - d.mean(-1, keepdim=True)
+    elif center is not None:
+        raise ValueError(f"center must be 'median', 'mean' or None, got {center!r}")
     l2 = d.norm()
     if l2 == 0:
         return float("nan")
     return float((d.abs().sum() / l2) ** 2 / d.numel())
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Runner:
+    """Batches of one clean row plus ablated rows, each ablation at position t of one context,
+    returning the logits at t .. t + window − 1.
+
+    With a KV cache the prefix before t is run once per context and each batch only runs the
+    ``window`` tokens after it; models whose cache cannot be copied and repeated fall back to
+    running the whole prefix for every row (same numbers, more compute)."""
+
+    def __init__(self, model: nn.Module, hookpoint: str, window: int, use_cache: bool = True):
+        self.model, self.hookpoint, self.window = model, hookpoint, window
+        self.device = model_device(model)
+        self.keep = _accepts(model, "logits_to_keep")
+        # transformers >= 5.24 names the cache argument (and output) `cache`, older ones `past_key_values`
+        self.cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self.use_cache = use_cache
+        self.tokens = 0  # LM tokens forwarded (for the cost breakdown)
+
+    def _forward(self, ids: Tensor, past=None, keep: int | None = None):
+        kw = {"logits_to_keep": keep} if (self.keep and keep) else {}
+        if past is not None:
+            kw[self.cache_arg] = past
+        self.tokens += ids.numel()
+        return self.model(input_ids=ids.to(self.device), use_cache=past is not None or self.use_cache, **kw)
+
+    def _edited(self, ids: Tensor, pos: int, deltas: Tensor, past=None) -> Tensor:
+        """ids [R, L] (row 0 clean); deltas [R-1, d] subtracted at position ``pos`` of rows 1.."""
+        edit = torch.zeros(ids.shape[0], ids.shape[1], deltas.shape[-1], dtype=torch.float32)
+        edit[1:, pos] = deltas
+        edit = edit.to(self.device)
+
+        def apply(h: Tensor) -> Tensor:
+            return h - edit.to(h.dtype)
+
+        with edit_hookpoint(self.model, self.hookpoint, apply):
+            out = self._forward(ids, past=past, keep=self.window)
+        return out.logits[:, -self.window :].float()
+
+    @torch.no_grad()
+    def context(self, ids: Tensor, groups: list[tuple[int, Tensor]]) -> list[Tensor]:
+        """ids [T]; groups [(t, deltas [m, d])] in increasing t. Returns per group the logits
+        [m + 1, window, V] at t .. t + window − 1 (row 0 clean)."""
+        if self.use_cache:
+            try:
+                return self._cached(ids, groups)
+            except (AttributeError, TypeError, NotImplementedError, RuntimeError) as e:
+                log.info("ablation: KV-cache path unavailable for %s (%s); running full prefixes",
+                         type(self.model).__name__, e)
+                self.use_cache = False
+        out = []
+        for t, deltas in groups:
+            rows = ids[: t + self.window].expand(deltas.shape[0] + 1, -1)
+            out.append(self._edited(rows, t, deltas).cpu())
+        return out
+
+    def _cached(self, ids: Tensor, groups: list[tuple[int, Tensor]]) -> list[Tensor]:
+        out, past, done = [], None, 0
+        for t, deltas in groups:
+            if t > done:
+                past = getattr(self._forward(ids[None, done:t], past=past if past is not None else _new_cache(), keep=1),
+                               self.cache_arg)
+                done = t
+            m = deltas.shape[0] + 1
+            rows = ids[None, t : t + self.window].expand(m, -1)
+            if past is None:  # t = 0: nothing before it
+                out.append(self._edited(rows, 0, deltas).cpu())
+                continue
+            branch = copy.deepcopy(past)
+            branch.batch_repeat_interleave(m)
+            out.append(self._edited(rows, 0, deltas, past=branch).cpu())
+        return out
+
+
+def _new_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _sample_pairs(sae, h: Tensor, eligible: Tensor, positions: int, per_position: int, g: torch.Generator):
+    """Up to ``positions`` eligible positions with an active latent, and at each up to
+    ``per_position`` distinct active latents: [(t, latents [m], values [m])]."""
+    values, indices = sae.encode(h[eligible])
+    values, indices = values.float().cpu(), indices.cpu()
+    rows = (values > 0).any(-1).nonzero().squeeze(1)
+    rows = rows[torch.randperm(rows.numel(), generator=g)[:positions]].sort().values
+    out = []
+    for r in rows.tolist():
+        act = (values[r] > 0).nonzero().squeeze(1)
+        pick = act[torch.randperm(act.numel(), generator=g)[:per_position]]
+        out.append((int(eligible[r]), indices[r, pick], values[r, pick]))
+    return out
+
+
 @torch.no_grad()
-def _ablate(model, hookpoint, ids: Tensor, positions: list[int], deltas: Tensor) -> list[tuple[float, float]]:
-    """Run ids [1, T] once clean and once per ablation (h[t_r] -= deltas[r]) in one batch."""
-    m = len(positions)
-    batch = ids.expand(m + 1, -1)
-    edit = torch.zeros(m + 1, ids.shape[1], deltas.shape[-1], dtype=deltas.dtype, device=deltas.device)
-    for r, t in enumerate(positions):
-        edit[r + 1, t] = deltas[r]
-
-    def apply(h: Tensor) -> Tensor:
-        return h - edit.to(h.device, h.dtype)
-
-    with edit_hookpoint(model, hookpoint, apply):
-        out = logits(model, batch)
-    diffs = [out[r + 1, t:] - out[0, t:] for r, t in enumerate(positions)]
-    return [(sparsity_of(d), sparsity_of(d, center=True)) for d in diffs]
-
-
-@torch.no_grad()
-def ablation_sparsity(sae, model: nn.Module, hookpoint: str, contexts: Tensor, pairs_per_context: int = 8,
-                      baseline: bool = True, exclude_bos: bool = True, seed: int = 0) -> EvalResult:
-    """``contexts`` [N, T] token ids (BOS first). Costs (pairs_per_context + 1) full forwards per
-    context, twice with the baseline."""
+def ablation_sparsity(sae, model: nn.Module, hookpoint: str, contexts: Tensor, positions_per_context: int = 4,
+                      latents_per_position: int = 2, window: int = WINDOW, baseline: bool = True,
+                      exclude_bos: bool = True, outlier_threshold: float | None = None, use_cache: bool = True,
+                      seed: int = 0) -> EvalResult:
+    """``contexts`` [N, L] token ids (BOS first). Ablates ``latents_per_position`` active latents
+    (and as many random channels) at each of ``positions_per_context`` positions t with
+    t + window ≤ L (BOS and tokens above ``outlier_threshold``, which training skipped, left out)."""
     sae = as_adapter(sae)
+    model = float32_model(model)
+    runner = _Runner(model, hookpoint, window, use_cache=use_cache)
     g = torch.Generator().manual_seed(seed)
+    N, L = contexts.shape
     start = 1 if exclude_bos else 0
-    sae_vals, res_vals, pairs = [], [], []
-    for ids in contexts:
-        ids = ids[None]
-        h = hook_acts(model, hookpoint, ids)[0].float().cpu()  # [T, d]
-        x = h[start:]
-        values, indices = sae.encode(x)
-        active = (values > 0).nonzero().cpu()  # [(row, slot)]
-        if active.shape[0] == 0:
+    if L - window < start:
+        raise ValueError(f"ablation: contexts of {L} tokens leave no position t with t + {window} <= {L}; "
+                         f"use ablation_context_length >= {window + start}")
+    rec: dict[str, list] = {k: [] for k in ("sae", "channel", "sae_uncentred", "channel_uncentred", "context")}
+    pairs, floor, skipped = [], 0.0, 0
+    for n, ids in enumerate(contexts):
+        h = hook_acts(model, hookpoint, ids[None])[0].float().cpu()  # [L, d]
+        runner.tokens += L
+        eligible = torch.arange(start, L - window + 1)
+        if outlier_threshold is not None:
+            eligible = eligible[h[eligible].norm(dim=-1) <= outlier_threshold]
+        chosen = _sample_pairs(sae, h, eligible, positions_per_context, latents_per_position, g) if eligible.numel() else []
+        if not chosen:
+            skipped += 1
             continue
-        pick = active[torch.randperm(active.shape[0], generator=g)[:pairs_per_context]]
-        rows, slots = pick[:, 0], pick[:, 1]
-        lat = indices.cpu()[rows, slots]
-        dirs = sae.decoder_directions(x[rows], lat[:, None].to(indices.device))[:, 0].float().cpu()
-        deltas = values.float().cpu()[rows, slots, None] * dirs
-        positions = (rows + start).tolist()
-        sae_vals += _ablate(model, hookpoint, ids, positions, deltas)
-        pairs += [{"position": p, "latent": int(j)} for p, j in zip(positions, lat.tolist())]
-        if baseline:
-            chans = torch.randint(0, h.shape[1], (len(positions),), generator=g)
-            deltas = torch.zeros(len(positions), h.shape[1])
-            deltas[torch.arange(len(positions)), chans] = h[positions, chans]
-            res_vals += _ablate(model, hookpoint, ids, positions, deltas)
+        groups = []
+        for t, lat, val in chosen:
+            dirs = sae.decoder_directions(h[t].expand(lat.numel(), -1), lat[:, None])[:, 0].float().cpu()
+            deltas = [val[:, None] * dirs, torch.zeros(1, h.shape[1])]  # the zero row: the noise floor
+            chans = torch.randint(0, h.shape[1], (lat.numel(),), generator=g)
+            if baseline:
+                d = torch.zeros(lat.numel(), h.shape[1])
+                d[torch.arange(lat.numel()), chans] = h[t, chans]
+                deltas.append(d)
+            groups.append((t, torch.cat(deltas), chans))
+        outs = runner.context(ids, [(t, deltas) for t, deltas, _ in groups])
+        for (t, lat, _), (_, _, chans), out in zip(chosen, groups, outs):
+            m = lat.numel()
+            diff = out[1:] - out[0]  # [rows, window, V]
+            floor = max(floor, float(diff[m].abs().max()))
+            for j in range(m):
+                pair = {"context": n, "position": t, "latent": int(lat[j]), "sae": sparsity_of(diff[j])}
+                rec["sae"].append(pair["sae"])
+                rec["sae_uncentred"].append(sparsity_of(diff[j], center=None))
+                if baseline:
+                    pair.update(channel_index=int(chans[j]), channel=sparsity_of(diff[m + 1 + j]))
+                    rec["channel"].append(pair["channel"])
+                    rec["channel_uncentred"].append(sparsity_of(diff[m + 1 + j], center=None))
+                rec["context"].append(n)
+                pairs.append(pair)
 
-    def mean(v, i):
-        v = torch.tensor([a[i] for a in v if a[i] == a[i]], dtype=torch.float64)  # nan: nothing moved
-        return float(v.mean()) if v.numel() else float("nan")
-
-    metrics = {"eval/ablation_sparsity": mean(sae_vals, 0)}
-    details = {"pairs": len(sae_vals), "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
-               "no_effect_pairs": sum(a[0] != a[0] for a in sae_vals), "exclude_bos": exclude_bos,
-               "sparsity_centered": mean(sae_vals, 1)}
+    ctx = np.asarray(rec["context"])
+    sae_ci = mean_ci(rec["sae"], ctx, seed=seed)
+    metrics = {"eval/ablation_sparsity": sae_ci["mean"], "eval/ablation_sparsity_ci_lo": sae_ci["lo"],
+               "eval/ablation_sparsity_ci_hi": sae_ci["hi"]}
+    details = {
+        "pairs": len(pairs), "contexts": int(N), "contexts_without_pairs": skipped, "context_length": int(L),
+        "window": window, "positions": len({(p["context"], p["position"]) for p in pairs}),
+        "sae": sae_ci, "sae_uncentred": mean_ci(rec["sae_uncentred"], ctx, seed=seed),
+        "no_effect_pairs": int(np.sum(~np.isfinite(np.asarray(rec["sae"], dtype=float)))),
+        "noise_floor": floor, "kv_cache": runner.use_cache, "lm_tokens": runner.tokens,
+        "model_dtype": str(next(model.parameters()).dtype), "exclude_bos": exclude_bos,
+        "interval": "95% percentile bootstrap over contexts", "sample": pairs,
+    }
     if baseline:
-        metrics["eval/ablation_sparsity_residual"] = mean(res_vals, 0)
-        details["residual_sparsity_centered"] = mean(res_vals, 1)
+        ch = mean_ci(rec["channel"], ctx, seed=seed)
+        s, c = np.asarray(rec["sae"], dtype=float), np.asarray(rec["channel"], dtype=float)
+        both = np.isfinite(s) & np.isfinite(c)
+        lo, hi = bootstrap_ci(lambda a, b: float(np.mean(a - b)), s[both], c[both], clusters=ctx[both], seed=seed)
+        diff = {"mean": float(np.mean(s[both] - c[both])) if both.any() else float("nan"), "lo": lo, "hi": hi,
+                "n": int(both.sum())}
+        metrics.update({"eval/ablation_sparsity_residual": ch["mean"], "eval/ablation_sparsity_residual_ci_lo": ch["lo"],
+                        "eval/ablation_sparsity_residual_ci_hi": ch["hi"], "eval/ablation_sparsity_diff": diff["mean"],
+                        "eval/ablation_sparsity_diff_ci_lo": lo, "eval/ablation_sparsity_diff_ci_hi": hi})
+        details.update(channels=ch, channels_uncentred=mean_ci(rec["channel_uncentred"], ctx, seed=seed),
+                       sae_minus_channels=diff)
     return EvalResult(metrics, details)

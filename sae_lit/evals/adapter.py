@@ -78,15 +78,24 @@ class SAEAdapter:
         return self.decode(z.gather(1, indices), indices, x)
 
     @torch.no_grad()
-    def pre_acts(self, x: Tensor) -> Tensor:
+    def pre_acts(self, x: Tensor, latents: slice | Tensor | None = None) -> Tensor:
         """Dense [B, num_latents] pre-activations (the encoder output before the sparsifying
-        activation: for TopK, before the top-k) of raw activations."""
+        activation: for TopK, before the top-k) of raw activations; only the columns of
+        ``latents`` (a slice or an index tensor) when given, computed from those encoder rows
+        alone for our SAEs."""
         if self.ours:
-            return self.sae.pre_acts(self.sae.normalize_input(self._in(x))[0])
+            sae = self.sae
+            if latents is None:
+                return sae.pre_acts(sae.normalize_input(self._in(x))[0])
+            xc = sae.normalize_input(self._in(x))[0] - sae.b_dec.to(self.dtype)
+            if isinstance(latents, Tensor):
+                latents = latents.to(sae.W_enc.device)
+            return torch.addmm(sae.b_enc[latents].to(xc.dtype), xc, sae.W_enc[latents].t().to(xc.dtype))
         for name in ("pre_acts", "encode_pre_act", "pre_activations"):
             fn = getattr(self.sae, name, None)
             if callable(fn):
-                return fn(self._in(x))
+                pre = fn(self._in(x))
+                return pre if latents is None else pre[:, latents]
         raise NotImplementedError(f"{type(self.sae).__name__} exposes no pre-activations (pre_acts)")
 
     @torch.no_grad()

@@ -7,6 +7,8 @@ that replaces the hookpoint's output.
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 from typing import Callable
 
 import torch
@@ -38,6 +40,20 @@ def edit_hookpoint(model: nn.Module, hookpoint: str, edit: Callable[[Tensor], Te
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+_FP32: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def float32_model(model: nn.Module) -> nn.Module:
+    """``model`` itself if its floating-point weights are float32, else a float32 copy on the
+    same device (made once per model): evals whose measure counts tiny logit changes (ablation
+    sparsity) must not see bfloat16 rounding spread over every logit."""
+    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return model
+    if model not in _FP32:
+        _FP32[model] = copy.deepcopy(model).float().eval().requires_grad_(False)
+    return _FP32[model]
 
 
 @torch.no_grad()

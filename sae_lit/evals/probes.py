@@ -1,12 +1,20 @@
-"""Probe loss (PAPER.md "Metrics"): for every task and every latent, a 1-D logistic regression
-on that latent's activation; the task's score is the held-out cross-entropy of the best latent;
-``eval/probe_loss`` is the mean over tasks. The same probes on the raw hookpoint channels are
-the baseline (``eval/probe_loss_residual``): an SAE is only useful here if one of its latents
-separates a task better than any single neuron-basis direction does.
+"""Probe loss (PAPER.md "Metrics"; Gao et al. sec. 4.2): for every task and every latent, a 1-D
+logistic regression σ(w·z_i + b) fitted by Newton's method on the latent's *pre-activation* z_i
+(the dense encoder output before the top-k, so every latent has a value on every token); the
+task's score is the best latent's cross-entropy; the metric is the mean over tasks. The same
+probes on the raw hookpoint channels are the baseline.
 
-"Best latent" is chosen by *training* CE and scored on held-out snippets: choosing it by the
-held-out CE itself would reward dictionaries for size alone (more latents, more lucky draws).
-Classes are balanced per split, so chance is ln 2 = 0.693.
+Two numbers per task, from one fit on the task's training split:
+  * in-sample (the paper's; ``eval/probe_loss``): min over latents of the training CE;
+  * held-out (ours; ``eval/probe_loss_heldout``): the CE on held-out snippets of the latent
+    with the lowest training CE. The in-sample minimum over n latents favours large
+    dictionaries by selection alone (more latents, more lucky fits); the held-out one does not.
+Classes are balanced per split, so chance is ln 2 = 0.693. The SAE − channels gaps get a
+two-level bootstrap interval (tasks, then examples within a task; paired examples).
+
+Cost: every latent of every task is ranked by three float32 Newton steps on its training
+examples (the 2-parameter problems are nearly solved by then); the ``shortlist`` best get the
+full float64 fit. Pre-activations are computed once per chunk of latents for all examples.
 """
 from __future__ import annotations
 
@@ -14,37 +22,47 @@ import logging
 import math
 import random
 import weakref
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sae_lit.evals.adapter import as_adapter, densify
+from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.lm import hook_acts
 from sae_lit.evals.probe_tasks import Snippet
 from sae_lit.evals.result import EvalResult
+from sae_lit.evals.stats import mean_of_means_ci
 
 log = logging.getLogger(__name__)
+
+L2 = 1e-3  # on the standardised weight: keeps separable tasks finite
 
 
 # --- the vectorised 1-D logistic regression --------------------------------------------------
 
 
-def _loss(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Mean binary CE per feature [F] of p = sigmoid(w x + b) for x [N, F], y [N]."""
+def _example_loss(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Binary CE per example and feature [N, F] of p = sigmoid(w x + b) for x [N, F], y [N]."""
     z = x * w + b
-    return (nn.functional.softplus(z) - y[:, None] * z).mean(0)
+    return nn.functional.softplus(z) - y[:, None] * z
+
+
+def _loss(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Mean binary CE per feature [F]."""
+    return _example_loss(w, b, x, y).mean(0)
 
 
 @torch.no_grad()
-def fit_1d_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, iters: int = 25) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fit_1d_logistic(x: Tensor, y: Tensor, l2: float = L2, iters: int = 25,
+                    dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One logistic regression per column of x [N, F] (labels y [N] in {0, 1}), all at once by
     damped Newton steps on the 2-parameter problems (every feature's 2x2 Hessian in closed form,
     the best of a few step lengths kept per feature).
 
     Features are standardised on this data; the small L2 penalty (on the standardised weight)
     keeps separable tasks finite. Returns (w, b, mu, sd) to apply as sigmoid(w (x - mu)/sd + b)."""
-    x, y = x.double(), y.double()
+    x, y = x.to(dtype), y.to(dtype)
     mu, sd = x.mean(0), x.std(0, unbiased=False)
     sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
     xs = (x - mu) / sd
@@ -73,37 +91,62 @@ def fit_1d_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, iters: int = 25) -> 
 
 
 def probe_scores(x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, y_test: Tensor | None = None,
-                 iters: int = 25, chunk: int = 8192) -> tuple[Tensor, Tensor | None]:
+                 iters: int = 25, chunk: int = 8192, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | None]:
     """(train CE [F], held-out CE [F] or None without test data) of one 1-D probe per feature
     column, in feature chunks so the [N, chunk] temporaries stay small whatever the dictionary size."""
     tr, te = [], []
     for lo in range(0, x_train.shape[1], chunk):
         xtr = x_train[:, lo : lo + chunk]
-        w, b, mu, sd = fit_1d_logistic(xtr, y_train, iters=iters)
-        tr.append(_loss(w, b, (xtr.double() - mu) / sd, y_train.double()))
+        w, b, mu, sd = fit_1d_logistic(xtr, y_train, iters=iters, dtype=dtype)
+        tr.append(_loss(w, b, (xtr.to(dtype) - mu) / sd, y_train.to(dtype)))
         if x_test is not None:
-            te.append(_loss(w, b, (x_test[:, lo : lo + chunk].double() - mu) / sd, y_test.double()))
+            te.append(_loss(w, b, (x_test[:, lo : lo + chunk].to(dtype) - mu) / sd, y_test.to(dtype)))
     return torch.cat(tr).float(), (torch.cat(te).float() if te else None)
 
 
-def best_feature(x_train, y_train, x_test, y_test, active: Tensor | None = None, shortlist: int = 64) -> dict:
-    """Pick the feature with the lowest training CE (among `active` columns if given: features
-    that are constant on the training set cannot beat the intercept-only probe).
+def best_feature(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> dict:
+    """Full fit of every column; the one with the lowest training CE: its in-sample CE (the
+    paper's score), its held-out CE, and both per example (for the bootstrap)."""
+    w, b, mu, sd = fit_1d_logistic(x_train, y_train)
+    ytr, yte = y_train.double(), y_test.double()
+    train_ce = _loss(w, b, (x_train.double() - mu) / sd, ytr)
+    j = int(train_ce.argmin())
+    ex_tr = _example_loss(w[j : j + 1], b[j : j + 1], (x_train[:, j : j + 1].double() - mu[j]) / sd[j], ytr)[:, 0]
+    ex_te = _example_loss(w[j : j + 1], b[j : j + 1], (x_test[:, j : j + 1].double() - mu[j]) / sd[j], yte)[:, 0]
+    return {"column": j, "train_ce": float(train_ce[j]), "test_ce": float(ex_te.mean()),
+            "train_examples": ex_tr.float(), "test_examples": ex_te.float()}
 
-    Two stages, because a full fit of every latent of a large dictionary on every task is most
-    of the eval's time: three Newton steps for all features rank them (the 2-parameter problems
-    are nearly solved by then), and the `shortlist` best get the full fit."""
-    cols = active if active is not None else torch.arange(x_train.shape[1])
-    if cols.numel() == 0:
-        rate = float(y_train.float().mean())
-        ce = -(rate * math.log(max(rate, 1e-12)) + (1 - rate) * math.log(max(1 - rate, 1e-12)))
-        return {"feature": None, "train_ce": ce, "test_ce": ce}
-    if cols.numel() > shortlist:
-        quick, _ = probe_scores(x_train[:, cols], y_train, iters=3)
-        cols = cols[quick.topk(shortlist, largest=False).indices]
-    tr, te = probe_scores(x_train[:, cols], y_train, x_test[:, cols], y_test)
-    j = int(tr.argmin())
-    return {"feature": int(cols[j]), "train_ce": float(tr[j]), "test_ce": float(te[j]), "best_test_ce_any": float(te.min())}
+
+def probe_features(features: Callable[[slice | Tensor, Tensor], Tensor], n_features: int, tasks: dict,
+                   chunk: int = 1024, shortlist: int = 64) -> dict:
+    """Best single feature per task among ``n_features`` that ``features(cols, rows)`` returns as
+    [len(rows), len(cols)] float32 (rows index the example table; cols a slice or index tensor).
+
+    ``tasks``: name -> (train rows, train labels, test rows, test labels). Stage 1 ranks every
+    feature by three float32 Newton steps on the training rows, a chunk of features at a time
+    for all tasks; stage 2 fits the ``shortlist`` best of each task in full (exact when
+    n_features <= shortlist)."""
+    cand: dict[str, tuple[Tensor, Tensor]] = {}
+    if n_features > shortlist:
+        all_rows = torch.unique(torch.cat([t[0] for t in tasks.values()]))
+        pos = torch.full((int(all_rows.max()) + 1,), -1, dtype=torch.long)
+        pos[all_rows] = torch.arange(all_rows.numel())
+        for lo in range(0, n_features, chunk):
+            hi = min(lo + chunk, n_features)
+            P = features(slice(lo, hi), all_rows).float()
+            for name, (r_tr, y_tr, _, _) in tasks.items():
+                q, _ = probe_scores(P[pos[r_tr]], y_tr, iters=3, dtype=torch.float32)
+                ce, idx = cand.get(name, (torch.empty(0), torch.empty(0, dtype=torch.long)))
+                ce, idx = torch.cat([ce, q]), torch.cat([idx, torch.arange(lo, hi)])
+                keep = ce.topk(min(shortlist, ce.numel()), largest=False).indices
+                cand[name] = (ce[keep], idx[keep])
+    out = {}
+    for name, (r_tr, y_tr, r_te, y_te) in tasks.items():
+        cols = cand[name][1].sort().values if name in cand else torch.arange(n_features)
+        r = best_feature(features(cols, r_tr).float(), y_tr, features(cols, r_te).float(), y_te)
+        r["feature"] = int(cols[r.pop("column")])
+        out[name] = r
+    return out
 
 
 # --- examples: events -> (snippet, token position) ----------------------------------------
@@ -195,9 +238,13 @@ def snippet_acts(model: nn.Module, hookpoint: str, ids: list[list[int]], wanted:
 
 
 def probe_eval(sae, model: nn.Module, tokenizer, hookpoint: str, snippets: list[Snippet],
-               max_per_class: int = 128, batch_size: int = 16, seed: int = 0) -> EvalResult:
+               max_per_class: int = 1000, batch_size: int = 16, min_per_class: int = 12, shortlist: int = 64,
+               seed: int = 0) -> EvalResult:
+    """``max_per_class``: examples per class in each split (train, held-out) of a task, where the
+    snippets have them."""
     sae = as_adapter(sae)
-    ids, tasks, skipped = build_examples(snippets, tokenizer, max_per_class=max_per_class, seed=seed)
+    ids, tasks, skipped = build_examples(snippets, tokenizer, max_per_class=max_per_class,
+                                         min_per_class=min_per_class, seed=seed)
     if not tasks:
         return EvalResult({}, {"skipped": skipped, "note": "no task had enough examples"})
     wanted: dict[int, set] = {}
@@ -208,31 +255,52 @@ def probe_eval(sae, model: nn.Module, tokenizer, hookpoint: str, snippets: list[
     keys = list(acts)
     row = {k: i for i, k in enumerate(keys)}
     X = torch.stack([acts[k] for k in keys])  # [U, d] raw activations
-    n_lat = sae.num_latents
-    values, indices = [], []
-    for lo in range(0, X.shape[0], 2048):
-        v, i = sae.encode(X[lo : lo + 2048])
-        values.append(v.float().cpu())
-        indices.append(i.cpu())
-    values, indices = torch.cat(values), torch.cat(indices)
 
-    results = {}
+    table = {}
     for task, split in tasks.items():
         r_tr = torch.tensor([row[(s, p)] for s, p, _ in split["train"]])
         r_te = torch.tensor([row[(s, p)] for s, p, _ in split["test"]])
         y_tr = torch.tensor([lab for *_, lab in split["train"]], dtype=torch.float32)
         y_te = torch.tensor([lab for *_, lab in split["test"]], dtype=torch.float32)
-        z_tr = densify(values[r_tr], indices[r_tr], n_lat)
-        z_te = densify(values[r_te], indices[r_te], n_lat)
-        active = ((z_tr != 0).any(0)).nonzero().squeeze(1)
-        sae_r = best_feature(z_tr, y_tr, z_te, y_te, active)
-        res_r = best_feature(X[r_tr], y_tr, X[r_te], y_te)
-        results[task] = {"n_train": len(y_tr), "n_test": len(y_te), "sae": sae_r, "residual": res_r}
-    sae_mean = float(np.mean([r["sae"]["test_ce"] for r in results.values()]))
-    res_mean = float(np.mean([r["residual"]["test_ce"] for r in results.values()]))
-    metrics = {"eval/probe_loss": sae_mean, "eval/probe_loss_residual": res_mean}
+        table[task] = (r_tr, y_tr, r_te, y_te)
+
+    def sae_features(cols, rows):
+        return torch.cat([sae.pre_acts(X[rows[lo : lo + 4096]], latents=cols).float().cpu()
+                          for lo in range(0, rows.numel(), 4096)])
+
+    def channel_features(cols, rows):
+        return X[rows][:, cols]
+
+    best_sae = probe_features(sae_features, sae.num_latents, table, shortlist=shortlist)
+    best_res = probe_features(channel_features, X.shape[1], table, shortlist=shortlist)
+    results, gaps_in, gaps_out = {}, [], []
+    for task, (r_tr, _, r_te, _) in table.items():
+        a, c = best_sae[task], best_res[task]
+        gaps_in.append((a.pop("train_examples") - c.pop("train_examples")).numpy())
+        gaps_out.append((a.pop("test_examples") - c.pop("test_examples")).numpy())
+        results[task] = {"n_train": int(r_tr.numel()), "n_test": int(r_te.numel()), "sae": a, "residual": c}
+
+    def mean(who, key):
+        return float(np.mean([r[who][key] for r in results.values()]))
+
+    gap_in, gap_out = mean_of_means_ci(gaps_in, seed=seed), mean_of_means_ci(gaps_out, seed=seed)
+    metrics = {
+        "eval/probe_loss": mean("sae", "train_ce"), "eval/probe_loss_residual": mean("residual", "train_ce"),
+        "eval/probe_loss_gap": gap_in["mean"], "eval/probe_loss_gap_ci_lo": gap_in["lo"],
+        "eval/probe_loss_gap_ci_hi": gap_in["hi"],
+        "eval/probe_loss_heldout": mean("sae", "test_ce"), "eval/probe_loss_heldout_residual": mean("residual", "test_ce"),
+        "eval/probe_loss_heldout_gap": gap_out["mean"], "eval/probe_loss_heldout_gap_ci_lo": gap_out["lo"],
+        "eval/probe_loss_heldout_gap_ci_hi": gap_out["hi"],
+    }
+    per_class = [min(r["n_train"], r["n_test"]) // 2 for r in results.values()]
     details = {"tasks": results, "skipped": skipped, "num_tasks": len(results), "chance_ce": math.log(2),
-               "examples_tokens": int(X.shape[0]), "snippets": len(wanted)}
+               "examples_tokens": int(X.shape[0]), "snippets": len(wanted), "lm_tokens": sum(len(i) for i in ids),
+               "features": "SAE: pre-activations (before the top-k); residual: raw hookpoint channels",
+               "examples_per_class_per_split": {"min": min(per_class), "median": float(np.median(per_class)),
+                                                "max": max(per_class), "max_allowed": max_per_class},
+               "tasks_at_max": sum(n >= max_per_class for n in per_class), "shortlist": shortlist,
+               "gap_in_sample": gap_in, "gap_heldout": gap_out,
+               "interval": "95% two-level bootstrap: tasks, then examples within a task (SAE and channels paired)"}
     return EvalResult(metrics, details, {"eval/probe_tasks": plot_probes(results)})
 
 
@@ -242,15 +310,17 @@ def plot_probes(results: dict):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    names = sorted(results, key=lambda t: results[t]["sae"]["test_ce"])
+    names = sorted(results, key=lambda t: results[t]["sae"]["train_ce"])
     fig, ax = plt.subplots(figsize=(6, 0.18 * len(names) + 1.2))
     y = np.arange(len(names))
-    ax.barh(y - 0.2, [results[t]["sae"]["test_ce"] for t in names], height=0.4, label="best SAE latent")
-    ax.barh(y + 0.2, [results[t]["residual"]["test_ce"] for t in names], height=0.4, label="best residual channel")
+    ax.barh(y - 0.2, [results[t]["sae"]["train_ce"] for t in names], height=0.4, label="best SAE latent (pre-activation)")
+    ax.barh(y + 0.2, [results[t]["residual"]["train_ce"] for t in names], height=0.4, label="best residual channel")
+    ax.plot([results[t]["sae"]["test_ce"] for t in names], y - 0.2, "k|", ms=5, label="held-out CE")
+    ax.plot([results[t]["residual"]["test_ce"] for t in names], y + 0.2, "k|", ms=5)
     ax.axvline(math.log(2), color="grey", ls=":", lw=0.8, label="chance")
     ax.set_yticks(y, names, fontsize=6)
     ax.invert_yaxis()
-    ax.set_xlabel("held-out CE of the best 1-D probe (nats)")
+    ax.set_xlabel("CE of the best 1-D probe (nats; bars in-sample, ticks held-out)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig

@@ -5,6 +5,8 @@ larger (ratio > 1); TopK has no such pull (ratio ~ 1).
 
     eval/shrinkage = mean over tokens of ||z_refit|| / ||z||   (tokens with an empty support skipped)
 
+with a bootstrap interval over held-out blocks (``eval/shrinkage_ci_lo`` / ``_ci_hi``).
+
 The fit is done in raw activation space with the token's own decoder vectors
 (``SAEAdapter.decoder_directions``), so it is the same problem for any SAE normalisation.
 """
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from sae_lit.evals.adapter import as_adapter
 from sae_lit.evals.result import EvalResult
+from sae_lit.evals.stats import mean_ci
 
 
 @torch.no_grad()
@@ -49,10 +52,11 @@ def nnls(A: Tensor, b: Tensor, x0: Tensor | None = None, max_iter: int = 2000, t
 
 
 @torch.no_grad()
-def shrinkage(sae, x: Tensor, batch_size: int = 256, max_iter: int = 2000) -> EvalResult:
-    """``x`` [N, d] raw activations (held-out, BOS excluded)."""
+def shrinkage(sae, x: Tensor, batch_size: int = 256, max_iter: int = 2000, clusters: Tensor | None = None,
+              seed: int = 0) -> EvalResult:
+    """``x`` [N, d] raw activations (held-out, BOS excluded); ``clusters`` [N] their blocks."""
     sae = as_adapter(sae)
-    ratios, nmse_before, nmse_after, var = [], 0.0, 0.0, 0.0
+    ratios, kept, nmse_before, nmse_after, var = [], [], 0.0, 0.0, 0.0
     mean = x.double().mean(0)
     for lo in range(0, x.shape[0], batch_size):
         xb = x[lo : lo + batch_size]
@@ -72,14 +76,18 @@ def shrinkage(sae, x: Tensor, batch_size: int = 256, max_iter: int = 2000) -> Ev
         norm0 = values.double().norm(dim=-1)
         keep = norm0 > 0
         ratios.append((refit.double().norm(dim=-1)[keep] / norm0[keep]).cpu())
+        kept.append(keep.cpu())
         xd = xs.double()
         nmse_before += (xd - recon_before.double()).pow(2).sum().item()
         nmse_after += (xd - recon_after.double()).pow(2).sum().item()
         var += (xd - mean.to(xd.device)).pow(2).sum().item()
     r = torch.cat(ratios) if ratios else torch.zeros(0)
-    metrics = {"eval/shrinkage": r.mean().item() if r.numel() else float("nan")}
+    groups = None if clusters is None else clusters[: x.shape[0]][torch.cat(kept)].numpy()
+    ci = mean_ci(r.numpy(), groups, n_boot=1000, seed=seed)
+    metrics = {"eval/shrinkage": r.mean().item() if r.numel() else float("nan"),
+               "eval/shrinkage_ci_lo": ci["lo"], "eval/shrinkage_ci_hi": ci["hi"]}
     details = {
-        "tokens": int(x.shape[0]), "tokens_with_support": int(r.numel()),
+        "tokens": int(x.shape[0]), "tokens_with_support": int(r.numel()), "interval": ci,
         "ratio_median": r.median().item() if r.numel() else float("nan"),
         "ratio_p10": r.quantile(0.1).item() if r.numel() else float("nan"),
         "ratio_p90": r.quantile(0.9).item() if r.numel() else float("nan"),

@@ -23,7 +23,7 @@ from sae_lit.data.subject import load_model, load_tokenizer
 from sae_lit.evals.ablation import ablation_sparsity
 from sae_lit.evals.adapter import SAEAdapter, as_adapter
 from sae_lit.evals.downstream import downstream_loss
-from sae_lit.evals.n2g import n2g_eval
+from sae_lit.evals.n2g import filler_token, n2g_eval
 from sae_lit.evals.probe_tasks import builtin_snippets, load_jsonl_task, vader_lexicon
 from sae_lit.evals.probes import probe_eval
 from sae_lit.evals.progressive import progressive_recovery
@@ -33,6 +33,10 @@ from sae_lit.evals.shrinkage import shrinkage
 log = logging.getLogger(__name__)
 
 EVALS = ("downstream", "shrinkage", "progressive", "probes", "ablation", "n2g")
+# Raised when an eval starts measuring something else (issue 13: probes on pre-activations,
+# ablation over T = 16 with the median removed, N2G as the reference code, the JumpReLU sweep,
+# intervals): a sweep re-evaluates finished runs whose recorded version is older.
+EVAL_VERSIONS = {"downstream": 1, "shrinkage": 2, "progressive": 2, "probes": 2, "ablation": 2, "n2g": 2}
 LM_EVALS = {"downstream", "probes", "ablation", "n2g"}  # need the subject LM and token blocks
 
 
@@ -57,27 +61,37 @@ class EvalConfig:
     # ReLU code early in training has hundreds of latents per token, and costs ~m^2 per iteration
     shrinkage_tokens: int = 2048
     shrinkage_max_iter: int = 500
-    # int: probe snippets of stdlib code / pydoc prose / KJV per genre (7 genres)
-    probe_code_snippets: int = 96
-    probe_pydoc_snippets: int = 48
-    probe_kjv_snippets_per_genre: int = 24
+    # int: probe snippets of stdlib code / pydoc prose / KJV per genre (7 genres); enough that most
+    # tasks reach probe_max_per_class in both splits (the rarest classes cannot)
+    probe_code_snippets: int = 384
+    probe_pydoc_snippets: int = 192
+    probe_kjv_snippets_per_genre: int = 96
     # int: LM tokens per probe snippet
     probe_snippet_tokens: int = 64
-    # int: examples per class and split for each probe task
-    probe_max_per_class: int = 128
+    # int: examples per class and split (train: the paper's in-sample fit; test: held-out) of each task
+    probe_max_per_class: int = 1000
     # list[str]: extra probe tasks, JSONL files of {"text", "label", "span"?}
     probe_tasks_jsonl: list[str] = field(default_factory=list)
-    # int: contexts and (latent, token) pairs per context for ablation sparsity
-    ablation_contexts: int = 8
-    ablation_pairs_per_context: int = 8
-    # int: tokens per ablation context (a prefix of a cache block); cost ~ pairs x this
+    # int: ablation sparsity: contexts, positions per context and active latents per position
+    # (as many random residual channels too): 64 x 4 x 2 = 512 (latent, position) pairs
+    ablation_contexts: int = 64
+    ablation_positions_per_context: int = 4
+    ablation_latents_per_position: int = 2
+    # int: tokens per ablation context (a prefix of a cache block; positions t with t + window <= it)
     ablation_context_length: int = 64
-    # int: latents explained by N2G and held-out blocks scanned (half explain, half test)
+    # int: positions scored from the ablated one on (the paper's T = 16)
+    ablation_window: int = 16
+    # int: latents explained by N2G and held-out blocks used (half explain, half test)
     n2g_latents: int = 32
     n2g_blocks: int = 64
-    # int: top activations per latent, longest n-gram
+    # int: top activations (one per block) and random positive activations explaining each latent
     n2g_top_examples: int = 8
-    n2g_max_suffix: int = 6
+    n2g_random_examples: int = 8
+    # int | None: longest suffix tried before the whole-context fallback (None: every length, the
+    # reference's; costs ~L^2 token forwards per fallback example of context length L)
+    n2g_max_suffix: int | None = 12
+    # int: tokens of each explaining block (BOS included) the examples come from
+    n2g_context_length: int = 64
     seed: int = 0
     # bool: raise the first eval error instead of recording it in the report
     strict: bool = False
@@ -103,6 +117,7 @@ class EvalData:
     bos_id: int | None = None
     sep_id: int | None = None
     outlier_threshold: float | None = None  # activation norm above which training skipped a token
+    val_blocks: Tensor | None = None  # [N] the block each row of val_acts comes from (bootstrap clusters)
     info: dict = field(default_factory=dict)
 
     @property
@@ -125,6 +140,7 @@ def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "au
 def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu") -> EvalData:
     """EvalData from an ActivationDataModule (blocks + subject LM), or from any data module with
     a val_dataloader of activation batches (activation-only evals)."""
+    start = time.perf_counter()
     if isinstance(dm, CachedActivations):
         manifest = dm.ensure_manifest()
         T = int(dm.cache_config.context_length)
@@ -139,19 +155,21 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
         tokens, block_acts = torch.stack(toks), torch.stack(acts)
         threshold = manifest.get("outlier_threshold") if cfg.exclude_outliers and dm.exclude_outliers else None
         val_acts = block_acts[:, 1:].reshape(-1, block_acts.shape[-1])
+        val_blocks = torch.arange(block_acts.shape[0]).repeat_interleave(block_acts.shape[1] - 1)
         if threshold is not None:
-            val_acts = val_acts[val_acts.norm(dim=-1) <= threshold]
+            keep = val_acts.norm(dim=-1) <= threshold
+            val_acts, val_blocks = val_acts[keep], val_blocks[keep]
         need_lm = bool(LM_EVALS & set(cfg.evals))
         model, tokenizer = load_subject(dm.cache_config.model, device) if need_lm else (None, None)
         train = dm.init_sample(cfg.calibration_tokens) if "progressive" in cfg.evals else None
         return EvalData(
             hookpoint=dm.cache_config.hookpoint,
-            val_acts=val_acts[: cfg.activation_tokens],
+            val_acts=val_acts[: cfg.activation_tokens], val_blocks=val_blocks[: cfg.activation_tokens],
             train_acts=train, tokens=tokens, block_acts=block_acts, model=model, tokenizer=tokenizer,
             bos_id=manifest.get("bos_token_id"), sep_id=manifest.get("separator_token_id"), outlier_threshold=threshold,
             info={"cache_dir": str(dm.cache_config.cache_dir), "model": dm.cache_config.model,
                   "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks),
-                  "outlier_threshold": threshold},
+                  "outlier_threshold": threshold, "seconds": round(time.perf_counter() - start, 2)},
         )
     if not isinstance(dm, L.LightningDataModule):
         raise TypeError(f"{type(dm).__name__} is neither a CachedActivations source (ActivationDataModule) nor a "
@@ -169,11 +187,12 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
 
 
 def _shrinkage(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
-    return shrinkage(sae, data.val_acts[: cfg.shrinkage_tokens], max_iter=cfg.shrinkage_max_iter)
+    return shrinkage(sae, data.val_acts[: cfg.shrinkage_tokens], max_iter=cfg.shrinkage_max_iter,
+                     clusters=data.val_blocks, seed=cfg.seed)
 
 
 def _progressive(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
-    return progressive_recovery(sae, data.val_acts, data.train_acts)
+    return progressive_recovery(sae, data.val_acts, data.train_acts, clusters=data.val_blocks, seed=cfg.seed)
 
 
 def _downstream(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
@@ -195,15 +214,18 @@ def _probes(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
 
 def _ablation(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
     ctx = data.tokens[: cfg.ablation_contexts, : cfg.ablation_context_length]
-    return ablation_sparsity(sae, data.model, data.hookpoint, ctx, cfg.ablation_pairs_per_context,
-                             exclude_bos=cfg.exclude_bos, seed=cfg.seed)
+    return ablation_sparsity(sae, data.model, data.hookpoint, ctx, cfg.ablation_positions_per_context,
+                             cfg.ablation_latents_per_position, window=cfg.ablation_window, exclude_bos=cfg.exclude_bos,
+                             outlier_threshold=data.outlier_threshold, seed=cfg.seed)
 
 
 def _n2g(sae, data: EvalData, cfg: EvalConfig) -> EvalResult:
     B = min(cfg.n2g_blocks, data.tokens.shape[0])
-    mask = data.sep_id if data.sep_id is not None else data.bos_id
-    return n2g_eval(sae, data.model, data.hookpoint, data.tokens[:B], data.block_acts[:B], data.bos_id, mask,
-                    cfg.n2g_latents, cfg.n2g_top_examples, cfg.n2g_max_suffix, tokenizer=data.tokenizer, seed=cfg.seed)
+    if data.tokenizer is None:
+        raise ValueError("n2g needs the subject's tokenizer to pick its filler token")
+    return n2g_eval(sae, data.model, data.hookpoint, data.tokens[:B], data.block_acts[:B], data.bos_id,
+                    filler_token(data.tokenizer), cfg.n2g_latents, cfg.n2g_top_examples, cfg.n2g_random_examples,
+                    cfg.n2g_max_suffix, cfg.n2g_context_length, tokenizer=data.tokenizer, seed=cfg.seed)
 
 
 # name -> runner(sae adapter, data, config); run in this order.
@@ -219,9 +241,10 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
     under report["errors"] (unless cfg.strict) so one problem does not lose the others' results."""
     cfg = cfg or EvalConfig()
     sae = as_adapter(sae)
-    report: dict = {"metrics": {}, "details": {}, "seconds": {}, "errors": {}, "skipped": {},
+    report: dict = {"metrics": {}, "details": {}, "seconds": {}, "errors": {}, "skipped": {}, "versions": {},
                     "config": dataclasses.asdict(cfg), "data": data.info}
     figures: dict = {}
+    suite_start = time.perf_counter()
     for name in EVALS:
         if name not in cfg.evals:
             continue
@@ -238,9 +261,11 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
             report["errors"][name] = f"{type(e).__name__}: {e}"
             continue
         report["seconds"][name] = round(time.perf_counter() - start, 2)
+        report["versions"][name] = EVAL_VERSIONS[name]
         report["metrics"].update(r.metrics)
         report["details"][name] = r.details
         figures.update(r.figures)
         log.info("eval %s: %s (%.1f s)", name, ", ".join(f"{k}={v:.4g}" for k, v in r.metrics.items()),
                  report["seconds"][name])
+    report["suite_seconds"] = round(time.perf_counter() - suite_start, 2)
     return report, figures
