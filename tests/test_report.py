@@ -194,3 +194,19 @@ def test_results_from_before_the_new_definitions_ask_for_a_rerun(tmp_path):
             del r[key]
     text = report.main(["--sweep", str(_write(tmp_path, rows, details)), "--out", str(tmp_path / "r")]).read_text()
     assert text.count("not measured") >= 3 and "rerun the sweep" in text
+
+
+def test_ablation_verdict_uses_the_first_measure_whose_channels_pass_the_sanity_range(tmp_path):
+    """The concatenated measure's channels at 0.25 (effect concentrated at the ablated position):
+    the per-position measure, whose channels sit at 0.62, is judged instead, and says so."""
+    rows, details = _paper_like(tmp_path)
+    for r in rows:
+        if r.get("eval/ablation_sparsity_residual") is not None:
+            r.update({**_cols("eval/ablation_sparsity_residual", 0.25, 0.01), **_cols("eval/ablation_sparsity_diff", 0.01, 0.005),
+                      **_cols("eval/ablation_sparsity_per_position", 0.5, 0.01),
+                      **_cols("eval/ablation_sparsity_per_position_residual", 0.62, 0.01),
+                      **_cols("eval/ablation_sparsity_per_position_diff", -0.12, 0.01)})
+    text = report.main(["--sweep", str(_write(tmp_path, rows, details)), "--out", str(tmp_path / "r")]).read_text()
+    line = next(ln for ln in _summary_text(text).splitlines() if "sparser downstream effects" in ln)
+    assert "| holds |" in line
+    assert "uses the per-position measure" in text and "| per position |" in text

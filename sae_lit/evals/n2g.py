@@ -162,7 +162,15 @@ def explain(examples: list[dict], model_fn, mask_id: int, max_suffix: int | None
     """The trie of one latent from ``examples`` [{"tokens": context up to and including the
     activating token (no BOS), "act": its activation}], as explanations.py's
     create_n2g_explanation builds it. ``model_fn(seqs) -> activations at their last token``.
-    Returns the trie; each example gets "suffix", "suffix_act", "anchored", "salient"."""
+    Each example gets "suffix", "suffix_act", "fallback", "anchored", "salient"."""
+    for ex in examples:
+        ex.setdefault("latent", 0)
+    return build_explanations(examples, lambda seqs, _latents: model_fn(seqs), mask_id, max_suffix).get(0, {})
+
+
+def build_explanations(examples: list[dict], model_fn, mask_id: int, max_suffix: int | None = None) -> dict[int, dict]:
+    """``explain`` for many latents at once (each example names its "latent"), so every model
+    call batches sequences of all of them: ``model_fn(seqs, latents)``. Returns latent -> trie."""
     # 1. shortest suffix keeping >= KEEP of the activation, all examples a length at a time
     todo = list(range(len(examples)))
     L = 1
@@ -170,7 +178,7 @@ def explain(examples: list[dict], model_fn, mask_id: int, max_suffix: int | None
         todo = [e for e in todo if L <= len(examples[e]["tokens"]) and (max_suffix is None or L <= max_suffix)]
         if not todo:
             break
-        acts = model_fn([examples[e]["tokens"][-L:] for e in todo])
+        acts = model_fn([examples[e]["tokens"][-L:] for e in todo], [examples[e]["latent"] for e in todo])
         left = []
         for e, a in zip(todo, acts):
             if a / examples[e]["act"] >= KEEP:
@@ -182,7 +190,7 @@ def explain(examples: list[dict], model_fn, mask_id: int, max_suffix: int | None
         if "suffix" not in ex:  # the reference's fallback: the whole context, its own activation
             ex.update(suffix=list(ex["tokens"]), suffix_act=ex["act"], fallback=True)
     # 2. can a filler token precede the suffix?
-    acts = model_fn([[mask_id] + ex["suffix"] for ex in examples])
+    acts = model_fn([[mask_id] + ex["suffix"] for ex in examples], [ex["latent"] for ex in examples]) if examples else []
     for ex, a in zip(examples, acts):
         ex["anchored"] = not a / ex["act"] >= KEEP
     # 3. saliency of every token, the last included (for a capped fallback: its last max_suffix)
@@ -194,13 +202,13 @@ def explain(examples: list[dict], model_fn, mask_id: int, max_suffix: int | None
         for i in range(first, n):
             seqs.append(ex["suffix"][:i] + [mask_id] + ex["suffix"][i + 1 :])
             owner.append((e, i))
-    for (e, i), a in zip(owner, model_fn(seqs) if seqs else []):
+    for (e, i), a in zip(owner, model_fn(seqs, [examples[e]["latent"] for e, _ in owner]) if seqs else []):
         ex = examples[e]
         ex["salient"][i] = not (1 - a / ex["suffix_act"]) < KEEP
-    trie: dict = {}
+    tries: dict[int, dict] = {}
     for ex in examples:
-        trie_insert(trie, ex["suffix"], ex["salient"], ex["suffix_act"], ex["anchored"])
-    return trie
+        trie_insert(tries.setdefault(ex["latent"], {}), ex["suffix"], ex["salient"], ex["suffix_act"], ex["anchored"])
+    return tries
 
 
 def _examples_of(a: Tensor, top: int, random: int, g: torch.Generator) -> list[tuple[int, int, str]]:
@@ -252,15 +260,18 @@ def n2g_eval(sae, model: nn.Module, hookpoint: str, tokens: Tensor, acts: Tensor
 
     fn = _LatentActs(sae, model, hookpoint, bos_id)
     test_tokens = tokens[test, 1:]
+    examples: dict[int, list[dict]] = {}
+    for j in latents:
+        a = latent_act(j, explain_blocks, Te)
+        for b, t, kind in _examples_of(a, top_examples, random_examples, g):
+            blk = int(explain_blocks[b])
+            examples.setdefault(j, []).append({"tokens": tokens[blk, 1 : t + 2].tolist(), "act": float(a[b, t]),
+                                               "kind": kind, "latent": j})
+    tries = build_explanations([ex for j in latents for ex in examples.get(j, [])], fn, mask_id, max_suffix)
     explanations, scores = {}, {"precision": [], "recall": [], "f1": []}
     fallbacks = anchored = n_examples = 0
     for j in latents:
-        a = latent_act(j, explain_blocks, Te)
-        examples = []
-        for b, t, kind in _examples_of(a, top_examples, random_examples, g):
-            blk = int(explain_blocks[b])
-            examples.append({"tokens": tokens[blk, 1 : t + 2].tolist(), "act": float(a[b, t]), "kind": kind})
-        trie = explain(examples, lambda seqs, j=j: fn(seqs, [j] * len(seqs)), mask_id, max_suffix)
+        trie, exs = tries.get(j, {}), examples.get(j, [])
         pred = trie_predict(trie, test_tokens) > 0
         fired = latent_act(j, test) > 0
         tp, n_pred, n_fired = int((pred & fired).sum()), int(pred.sum()), int(fired.sum())
@@ -269,12 +280,14 @@ def n2g_eval(sae, model: nn.Module, hookpoint: str, tokens: Tensor, acts: Tensor
         f1 = float("nan") if math.isnan(p) or math.isnan(r) else (2 * p * r / (p + r) if p + r > 0 else 0.0)
         for k, v in (("precision", p), ("recall", r), ("f1", f1)):
             scores[k].append(v)
-        fallbacks += sum(ex["fallback"] for ex in examples)
-        anchored += sum(ex["anchored"] for ex in examples)
-        n_examples += len(examples)
+        fallbacks += sum(ex["fallback"] for ex in exs)
+        anchored += sum(ex["anchored"] for ex in exs)
+        n_examples += len(exs)
         explanations[str(j)] = {
             "precision": p, "recall": r, "f1": f1, "predicted": n_pred, "fired": n_fired,
-            "patterns": [_show(ex, tokenizer) for ex in examples],
+            # token strings ("*": any token, "^": the start of the text), as the dashboard shows them
+            "patterns": _unique([_show(ex, tokenizer) for ex in exs]),
+            "examples": [{k: ex[k] for k in ("kind", "act", "suffix_act", "fallback", "anchored")} for ex in exs],
             "trie": _trie_json(trie),
         }
 
@@ -293,14 +306,17 @@ def n2g_eval(sae, model: nn.Module, hookpoint: str, tokens: Tensor, acts: Tensor
     return EvalResult(metrics, details)
 
 
-def _show(ex: dict, tokenizer) -> dict:
+def _show(ex: dict, tokenizer) -> list[str]:
     def tok(t, sal):
         if not sal:
             return "*"
         return tokenizer.decode([t]) if tokenizer is not None else str(t)
 
-    return {"kind": ex["kind"], "act": ex["act"], "suffix_act": ex["suffix_act"], "fallback": ex["fallback"],
-            "pattern": (["^"] if ex["anchored"] else []) + [tok(t, s) for t, s in zip(ex["suffix"], ex["salient"])]}
+    return (["^"] if ex["anchored"] else []) + [tok(t, s) for t, s in zip(ex["suffix"], ex["salient"])]
+
+
+def _unique(patterns: list[list[str]]) -> list[list[str]]:
+    return [list(p) for p in dict.fromkeys(tuple(p) for p in patterns)]
 
 
 def _trie_json(node: dict) -> dict:

@@ -72,7 +72,7 @@ TASKS = {
     "py_def_line": "token on a def/class line vs other code tokens",
     "py_line_start": "first token of a logical line vs other code tokens",
     "py_deep_indent": "token on a line indented >= 8 columns vs shallower lines",
-    "code_vs_prose": "stdlib code vs prose (pydoc, KJV), at four points of each snippet",
+    "code_vs_prose": "stdlib code vs prose (pydoc, KJV), at every word past the first quarter of a snippet",
     "docs_vs_bible": "pydoc prose vs KJV",
     "kjv_new_testament": "KJV New vs Old Testament",
     **{f"kjv_genre_{g}": f"KJV {g} books vs the other genres" for g in GENRES},
@@ -197,14 +197,12 @@ _FSTRING_TYPES = {getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDL
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
 
 
-def _context_events(text: str, label: int) -> list[Event]:
-    """Document-level labels read at four points of the snippet (ends of words near 40%, 60%,
-    80%, 100% of it), so each snippet gives several examples with enough context before them."""
+def _context_events(text: str, label: int, start: float = 0.25) -> list[Event]:
+    """Document-level labels read at the end of every word past the first quarter of the snippet
+    (enough context before each), so one snippet (one LM forward) gives many examples: what
+    limits these tasks is LM tokens, and the probe splits by snippet, never inside one."""
     ends = [m.end() for m in re.finditer(r"\S+", text)]
-    if not ends:
-        return []
-    picks = sorted({ends[min(len(ends) - 1, int(f * len(ends)) - 1)] for f in (0.4, 0.6, 0.8, 1.0)})
-    return [(e - 1, e, label) for e in picks]
+    return [(e - 1, e, label) for e in ends[int(start * len(ends)):]]
 
 
 def _prose_events(text: str, source: str, vader: dict | None) -> dict[str, list[Event]]:

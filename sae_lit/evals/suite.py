@@ -65,7 +65,7 @@ class EvalConfig:
     # tasks reach probe_max_per_class in both splits (the rarest classes cannot)
     probe_code_snippets: int = 384
     probe_pydoc_snippets: int = 192
-    probe_kjv_snippets_per_genre: int = 96
+    probe_kjv_snippets_per_genre: int = 64
     # int: LM tokens per probe snippet
     probe_snippet_tokens: int = 64
     # int: examples per class and split (train: the paper's in-sample fit; test: held-out) of each task
@@ -73,10 +73,11 @@ class EvalConfig:
     # list[str]: extra probe tasks, JSONL files of {"text", "label", "span"?}
     probe_tasks_jsonl: list[str] = field(default_factory=list)
     # int: ablation sparsity: contexts, positions per context and active latents per position
-    # (as many random residual channels too): 64 x 4 x 2 = 512 (latent, position) pairs
+    # (as many random residual channels too): 64 x 2 x 4 = 512 (latent, position) pairs. The
+    # ablations of one position share a forward of its 16 positions (one batch row each)
     ablation_contexts: int = 64
-    ablation_positions_per_context: int = 4
-    ablation_latents_per_position: int = 2
+    ablation_positions_per_context: int = 2
+    ablation_latents_per_position: int = 4
     # int: tokens per ablation context (a prefix of a cache block; positions t with t + window <= it)
     ablation_context_length: int = 64
     # int: positions scored from the ablated one on (the paper's T = 16)
@@ -140,7 +141,7 @@ def load_subject(spec: str, device: str | torch.device = "cpu", dtype: str = "au
 def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu") -> EvalData:
     """EvalData from an ActivationDataModule (blocks + subject LM), or from any data module with
     a val_dataloader of activation batches (activation-only evals)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if isinstance(dm, CachedActivations):
         manifest = dm.ensure_manifest()
         T = int(dm.cache_config.context_length)
@@ -169,7 +170,8 @@ def data_from_datamodule(dm, cfg: EvalConfig, device: str | torch.device = "cpu"
             bos_id=manifest.get("bos_token_id"), sep_id=manifest.get("separator_token_id"), outlier_threshold=threshold,
             info={"cache_dir": str(dm.cache_config.cache_dir), "model": dm.cache_config.model,
                   "hook_name": manifest.get("hook_name"), "context_length": T, "val_blocks": len(toks),
-                  "outlier_threshold": threshold, "seconds": round(time.perf_counter() - start, 2)},
+                  "outlier_threshold": threshold, "seconds": round(time.perf_counter() - start, 2),
+                  "cpu_seconds": round(time.process_time() - cpu, 2)},
         )
     if not isinstance(dm, L.LightningDataModule):
         raise TypeError(f"{type(dm).__name__} is neither a CachedActivations source (ActivationDataModule) nor a "
@@ -241,7 +243,7 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
     under report["errors"] (unless cfg.strict) so one problem does not lose the others' results."""
     cfg = cfg or EvalConfig()
     sae = as_adapter(sae)
-    report: dict = {"metrics": {}, "details": {}, "seconds": {}, "errors": {}, "skipped": {}, "versions": {},
+    report: dict = {"metrics": {}, "details": {}, "seconds": {}, "cpu_seconds": {}, "errors": {}, "skipped": {}, "versions": {},
                     "config": dataclasses.asdict(cfg), "data": data.info}
     figures: dict = {}
     suite_start = time.perf_counter()
@@ -251,7 +253,7 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
         if name in LM_EVALS and not data.has_lm:
             report["skipped"][name] = "no subject LM / token blocks (activation-only data)"
             continue
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             r = RUNNERS[name](sae, data, cfg)
         except Exception as e:  # noqa: BLE001 - recorded, see docstring
@@ -261,6 +263,8 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
             report["errors"][name] = f"{type(e).__name__}: {e}"
             continue
         report["seconds"][name] = round(time.perf_counter() - start, 2)
+        # CPU seconds of all threads: on a shared machine wall time says little, this does not change
+        report["cpu_seconds"][name] = round(time.process_time() - cpu, 2)
         report["versions"][name] = EVAL_VERSIONS[name]
         report["metrics"].update(r.metrics)
         report["details"][name] = r.details
