@@ -124,7 +124,9 @@ def test_every_pair_matches_a_brute_force_forward(tiny):
                 handle.remove()
 
         ablated = edited(z * sae.W_dec[j] / s)
-        assert brute_sparsity((ablated - clean)[t : t + 16]) == pytest.approx(p["sae"], rel=1e-4)
+        delta = (ablated - clean)[t : t + 16]
+        assert brute_sparsity(delta) == pytest.approx(p["sae"], rel=1e-4)
+        assert np.mean([brute_sparsity(row[None]) for row in delta]) == pytest.approx(p["sae_per_position"], rel=1e-4)
         delta = torch.zeros(32, dtype=torch.float64)
         delta[p["channel_index"]] = h[t, p["channel_index"]]
         ablated = edited(delta)

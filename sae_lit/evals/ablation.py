@@ -14,6 +14,12 @@ numbers, and
 which is 1/(V·T) when one logit moves and about 2/π for a dense Gaussian effect. The baseline
 zeroes one random residual channel at the same positions (paper: ≈ 0.6 for GPT-2 small).
 
+``eval/ablation_sparsity_per_position`` (a variant, reported beside it): each position's own
+(‖Δ_t‖₁/‖Δ_t‖₂)² / V, averaged over the T positions. The concatenated measure also calls an
+effect sparse when it is dense over the vocabulary but concentrated in time: on SmolLM2-135M
+(resid_post.15) a zeroed channel moves every position's logits densely (≈ 0.63 per position)
+but the ablated position carries 20–40% of the L2 mass, and the concatenation gives ≈ 0.25.
+
 The subject model runs in float32 whatever its dtype elsewhere (bfloat16 rounding moves every
 logit a little, which this measure would count as a dense effect). Each position's ablations
 run in one batch with an unedited row, continuing the same cached prefix, so the clean and the
