@@ -171,3 +171,27 @@ def test_resume_on_a_real_cache_is_exact(cache_kwargs, tmp_path):
     resumed, _ = run(8, tmp_path / "b", ckpt=str(tmp_path / "half.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_ema_starts_at_zero_and_is_bias_corrected_as_the_reference(tmp_path):
+    """After t steps the EMA equals sum_s (1 - b) b^(t - s) p_s / (1 - b^t), the reference
+    code's average of the weights p_1 ... p_t after each step, not a blend with the init."""
+    beta, steps = 0.9, 6
+    snapshots = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append({k: v.detach().clone() for k, v in pl_module.sae.named_parameters()})
+
+    model, dm = _module(ema_decay=beta), _dm()
+    trainer = _trainer(tmp_path, max_steps=steps, callbacks=[Record()], limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert len(snapshots) == steps
+    ema = model.eval_sae
+    assert ema is model.ema
+    for name, value in ema.named_parameters():
+        expect = sum((1 - beta) * beta ** (steps - 1 - s) * snapshots[s][name] for s in range(steps))
+        expect = expect / (1 - beta**steps)
+        if name == "W_dec":
+            expect = expect / expect.norm(dim=1, keepdim=True)  # the eval copy keeps unit-norm rows
+        torch.testing.assert_close(value, expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -102,7 +102,7 @@ class ForwardOutput(NamedTuple):
     nmse: Tensor
     """Batch FVU of the k-sparse reconstruction: sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
     auxk_loss: Tensor
-    """AuxK loss of the dead latents (already scaled by min(n_dead/k_aux, 1); not by alpha)."""
+    """AuxK loss of the dead latents (not weighted by alpha)."""
     multi_topk_nmse: Tensor
     """Batch FVU when decoding the top 4k (Multi-TopK); 0 when multi_topk is off."""
     l1_loss: Tensor
@@ -243,7 +243,10 @@ class TopKSAE(nn.Module):
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Training forward on raw activations [B, d_in]; losses in the normalised space.
 
-        ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss. TopK runs
+        ``dead_mask`` [num_latents] bool marks the latents that count as dead once this batch
+        is counted (tokens since they last fired, this batch included, reach the window);
+        those that fire in this batch are taken out of it before AuxK selects, as in the
+        reference code ("has to go after stats update"). TopK runs
         one no-grad GEMM + selection, then either the fused step (one hand-written backward,
         kernels.TopKTrainStep) or, when the input itself requires grad (e.g. attribution),
         the composable autograd path with the same values.
@@ -269,7 +272,7 @@ class TopKSAE(nn.Module):
         top_v, top_i = native.topk(pre, k_sel, bias=bias)
         dead_rows = aux_z = aux_v = aux_local = None
         if dead_mask is not None and self.k_aux > 0:
-            dead_rows = dead_mask.nonzero().squeeze(1)
+            dead_rows = (dead_mask & ~_fired(top_i[:, : self.k], top_v[:, : self.k], self.num_latents)).nonzero().squeeze(1)
             n_dead = dead_rows.numel()
             if n_dead == 0:
                 dead_rows = None
@@ -303,9 +306,8 @@ class TopKSAE(nn.Module):
             self.multi_topk, sel.dead_rows, sel.aux_local, sel.aux_v, sel.aux_z,
             torch.bfloat16 if self.auxk_bf16 else None,
         )
-        aux_scale = losses.auxk_scale(sel.dead_rows.numel(), self.k_aux) if sel.dead_rows is not None else 0.0
         denom = losses.total_variance(x_norm)
-        nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat, aux_scale)
+        nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat)
         return recon_k, sel.top_v.relu(), nmse, multi, auxk
 
     def _autograd_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
@@ -318,20 +320,25 @@ class TopKSAE(nn.Module):
         if self.multi_topk:
             multi = losses.nmse(x_norm, kernels.sparse_decode(values, sel.top_i, self.W_dec) + self.b_dec, denom)
         if sel.dead_rows is not None:
-            aux_hat = self._aux_reconstruction(x_c.detach(), sel.dead_rows, sel.aux_v, sel.aux_local)
-            auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, sel.dead_rows.numel(), self.k_aux)
+            aux_hat = self._aux_reconstruction(x_norm.detach() - self.b_dec, sel.dead_rows, sel.aux_v, sel.aux_local)
+            auxk = losses.auxk_loss((x_norm - recon_k).detach(), aux_hat)
         return recon_k, values, nmse, multi, auxk
 
     def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
-        """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).
-        The input is detached, so AuxK trains only the dead latents' encoder and decoder
-        rows; it never moves b_dec or live latents."""
+        """AuxK's reconstruction of the residual x - x_hat from the top-k_aux dead latents.
+
+        As in the reference code, it trains the dead latents' rows and b_dec (the paper's
+        b_pre): ``x_c`` = x - b_dec carries b_dec's gradient through the encoder, and the
+        decode adds b_dec - b_dec.detach() (value 0): the reference decodes with b_pre against
+        a target holding a detached b_pre. Live latents get nothing."""
         if _aux_is_dense(aux_v.shape[1], dead_rows.numel()):
             z = kernels.subset_encode(x_c, self.W_enc, self.b_enc, dead_rows, aux_local, aux_v)
-            return z @ self.W_dec[dead_rows]
-        idx = dead_rows[aux_local]
-        z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
-        return kernels.sparse_decode(z, idx, self.W_dec)
+            decoded = z @ self.W_dec[dead_rows]
+        else:
+            idx = dead_rows[aux_local]
+            z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
+            decoded = kernels.sparse_decode(z, idx, self.W_dec)
+        return decoded + (self.b_dec - self.b_dec.detach())
 
     def _forward_dense(self, x_norm: Tensor, stats, dead_mask: Tensor | None) -> ForwardOutput:
         # The baselines are dense by nature (every latent can fire): plain autograd.
@@ -345,12 +352,13 @@ class TopKSAE(nn.Module):
         zero = nmse.new_zeros(())
         auxk = zero
         if dead_mask is not None and self.act.supports_auxk and self.k_aux > 0:
-            dead_rows = dead_mask.nonzero().squeeze(1)
+            fired = (out.z.detach() > 0).any(0)  # this batch's firings count first (see forward)
+            dead_rows = (dead_mask & ~fired).nonzero().squeeze(1)
             if dead_rows.numel() > 0:
                 with torch.no_grad():  # the dead columns of the activation's own GEMM
                     _, aux_v, aux_local = native.aux_select(out.pre, dead_rows, self.k_aux, dense=False)
-                aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local)
-                auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
+                aux_hat = self._aux_reconstruction(x_norm.detach() - self.b_dec, dead_rows, aux_v, aux_local)
+                auxk = losses.auxk_loss((x_norm - recon_n).detach(), aux_hat)
         idx = torch.arange(self.num_latents, device=out.z.device).expand_as(out.z)
         return ForwardOutput(self.denormalize(recon_n, stats), out.z, idx, nmse, auxk, zero, out.penalty, extra)
 
@@ -393,6 +401,13 @@ class TopKSAE(nn.Module):
         else:
             self.b_dec.zero_()
         self.initialized.fill_(True)
+
+
+def _fired(indices: Tensor, values: Tensor, n: int) -> Tensor:
+    """[n] bool: the latents with a positive value somewhere in this batch."""
+    fired = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    fired[indices[values > 0]] = True
+    return fired
 
 
 def _aux_is_dense(k_aux: int, n_dead: int) -> bool:

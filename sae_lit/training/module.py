@@ -10,7 +10,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sae_lit.common import acts_of
 from sae_lit.data.source import ActivationSource
@@ -67,8 +67,11 @@ class SAEModule(L.LightningModule):
         sae = dataclasses.asdict(cfg)
         self.save_hyperparameters()
         self.ema: TopKSAE | None = None
+        self.weight_ema: WeightEMA | None = None
         if ema_decay is not None:
-            self.ema = copy.deepcopy(self.sae).requires_grad_(False)
+            self.weight_ema = WeightEMA(self.sae, ema_decay)
+            self.ema = copy.deepcopy(self.sae).requires_grad_(False)  # the bias-corrected average, for eval
+        self._ema_written = -1  # the update count self.ema was last written at
         self.lr = lr if lr is not None else default_lr(cfg.num_latents)
         n = cfg.num_latents
         # Training tokens since each latent last fired (value > 0 in the top k). Global over
@@ -85,7 +88,14 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     @property
     def eval_sae(self) -> TopKSAE:
-        return self.ema if self.ema is not None else self.sae
+        """The SAE that validation, the evals and the export see: the EMA of the weights when
+        ema_decay is set (after at least one step), else the trained SAE itself."""
+        if self.ema is None or int(self.weight_ema.steps) == 0:
+            return self.sae
+        if self._ema_written != int(self.weight_ema.steps):
+            self.weight_ema.write_to(self.ema, self.sae)
+            self._ema_written = int(self.weight_ema.steps)
+        return self.ema
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
@@ -117,8 +127,11 @@ class SAEModule(L.LightningModule):
         hp = self.hparams
         act = self.sae.act
         auxk_on = hp.auxk_alpha > 0 and (act is None or act.supports_auxk)
-        dead = self.tokens_since_fired >= hp.dead_tokens
-        out = self.sae(x, dead_mask=dead if auxk_on else None)
+        # Dead once this batch is counted; the SAE takes out the latents that fire in it (the
+        # reference code updates its counters first and masks after).
+        world = self.trainer.world_size if self._trainer is not None else 1
+        candidates = self.tokens_since_fired + x.shape[0] * world >= hp.dead_tokens
+        out = self.sae(x, dead_mask=candidates if auxk_on else None)
         loss = out.nmse + out.extra_loss
         if auxk_on:
             loss = loss + hp.auxk_alpha * out.auxk_loss
@@ -128,6 +141,7 @@ class SAEModule(L.LightningModule):
             loss = loss + hp.l1_coeff * out.l1_loss
             self.log("train/l1", out.l1_loss.detach(), on_step=True, batch_size=x.shape[0])
         self._track_firing(out.values.detach(), out.indices, x.shape[0])
+        dead = self.tokens_since_fired >= hp.dead_tokens
 
         l0 = (out.values.detach() > 0).sum(-1).float().mean()
         self.log_dict(
@@ -170,13 +184,8 @@ class SAEModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.sae.set_decoder_norm_to_unit_norm()
-        if self.ema is not None:
-            with torch.no_grad():
-                ema_p, p = list(self.ema.parameters()), list(self.sae.parameters())
-                torch._foreach_lerp_(ema_p, p, 1.0 - self.hparams.ema_decay)
-                for b_ema, b in zip(self.ema.buffers(), self.sae.buffers()):
-                    b_ema.copy_(b)  # e.g. BatchTopK's inference threshold
-                self.ema.set_decoder_norm_to_unit_norm()
+        if self.weight_ema is not None:
+            self.weight_ema.update(self.sae)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -257,3 +266,46 @@ class SAEModule(L.LightningModule):
 
         out = export_sae(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
         print(f"Exported SAE to {out}")
+
+
+class WeightEMA(nn.Module):
+    """An exponential moving average of an SAE's parameters, as the reference code keeps it:
+    the average starts at zero and is divided by 1 - decay^t when used (bias correction), so
+    that early in training it is not dominated by the random init.
+
+    Buffers (saved in checkpoints, so that a resumed run continues the same average): the
+    running sums, one per parameter, and the number of updates.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]
+        for name, p in model.named_parameters():
+            self.register_buffer(_buffer_name(name), torch.zeros_like(p.detach()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def _sums(self) -> list[Tensor]:
+        return [getattr(self, _buffer_name(n)) for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self._sums(), [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        self.steps += 1
+
+    @torch.no_grad()
+    def write_to(self, target: nn.Module, source: nn.Module) -> None:
+        """Set ``target``'s parameters to the bias-corrected average and its buffers to
+        ``source``'s (e.g. BatchTopK's inference threshold), decoder rows at unit norm."""
+        correction = 1.0 - self.decay ** int(self.steps)
+        for p, s in zip(target.parameters(), self._sums()):
+            torch.div(s, correction, out=p.data)
+        for b_t, b in zip(target.buffers(), source.buffers()):
+            b_t.copy_(b)
+        target.set_decoder_norm_to_unit_norm()
+
+
+def _buffer_name(param_name: str) -> str:
+    return "avg_" + param_name.replace(".", "_")
