@@ -330,3 +330,20 @@ def test_release_buffers_frees_the_step_buffer_and_training_goes_on():
     sae.release_buffers()
     assert "_pre_buffer" not in sae.__dict__
     torch.testing.assert_close(sae(x).nmse, first)
+
+
+def test_dead_margin_is_the_best_dead_pre_activation_minus_the_kth_value():
+    sae = _sae(k_aux=8)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[30:50] = True
+    out = sae(x, dead_mask=dead, diagnose=True)
+    pre = sae.pre_acts(x * sae.input_scale)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[out.indices[out.values > 0]] = True
+    still = dead & ~fired
+    expect = pre[:, still].max(1).values - pre.topk(4, dim=-1).values[:, -1]
+    torch.testing.assert_close(out.dead_margin.double(), expect)
+    assert (out.dead_margin <= 1e-6).all()
+    assert sae(x, dead_mask=dead).dead_margin is None

@@ -110,6 +110,11 @@ class ForwardOutput(NamedTuple):
     extra_loss: Tensor
     """Variant-specific loss, already weighted (Gated's gate reconstruction, Matryoshka's
     prefix NMSEs); 0 for TopK and ReLU."""
+    dead_margin: Tensor | None = None
+    """[B] with ``diagnose``: per token, the largest pre-activation among AuxK's dead latents
+    minus the token's k-th largest pre-activation (the firing threshold). Always <= 0 (a dead
+    latent above it would fire); how close to 0 it gets shows whether AuxK brings the dead
+    latents toward firing. None without diagnose or without dead latents (TopK only)."""
 
 
 class _Selection(NamedTuple):
@@ -127,6 +132,8 @@ class _Selection(NamedTuple):
     """[B, k_aux] AuxK pre-activations (gather path)."""
     aux_local: Tensor | None
     """[B, k_aux] positions of aux_v in dead_rows."""
+    dead_margin: Tensor | None = None
+    """See ForwardOutput.dead_margin."""
 
 
 class TopKSAE(nn.Module):
@@ -240,7 +247,7 @@ class TopKSAE(nn.Module):
         return self.encode_decode(x, k)[0]
 
     # ---------------------------------------------------------------- training forward
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, diagnose: bool = False) -> ForwardOutput:
         """Training forward on raw activations [B, d_in]; losses in the normalised space.
 
         ``dead_mask`` [num_latents] bool marks the latents that count as dead once this batch
@@ -256,27 +263,34 @@ class TopKSAE(nn.Module):
             return self._forward_dense(x_norm, stats, dead_mask)
         x_c = x_norm - self.b_dec
         fused = not x.requires_grad
-        sel = self._select(x_c, dead_mask, fused)
+        sel = self._select(x_c, dead_mask, fused, diagnose)
         step = self._fused_step if fused else self._autograd_step
         recon_k, values, nmse, multi, auxk = step(x_norm, x_c, sel)
         zero = nmse.new_zeros(())
         recon = self.denormalize(recon_k, stats)
-        return ForwardOutput(recon, values[:, : self.k], sel.top_i[:, : self.k], nmse, auxk, multi, zero, zero)
+        return ForwardOutput(recon, values[:, : self.k], sel.top_i[:, : self.k], nmse, auxk, multi, zero, zero,
+                             sel.dead_margin)
 
     @torch.no_grad()
-    def _select(self, x_c: Tensor, dead_mask: Tensor | None, fused: bool) -> _Selection:
+    def _select(self, x_c: Tensor, dead_mask: Tensor | None, fused: bool, diagnose: bool = False) -> _Selection:
         """The one dense GEMM, the top-k (4k with Multi-TopK) and AuxK's top-k_aux of the dead."""
         k_sel = min(4 * self.k if self.multi_topk else self.k, self.num_latents)
         pre, bias = kernels.encoder_gemm(x_c, self.W_enc, self.b_enc, self.step_buffer)  # bias None if added
         # Sorted (descending) so that the first k of the 4k Multi-TopK latents are the top k.
         top_v, top_i = native.topk(pre, k_sel, bias=bias)
-        dead_rows = aux_z = aux_v = aux_local = None
+        dead_rows = aux_z = aux_v = aux_local = margin = None
         if dead_mask is not None and self.k_aux > 0:
             dead_rows = (dead_mask & ~_fired(top_i[:, : self.k], top_v[:, : self.k], self.num_latents)).nonzero().squeeze(1)
             n_dead = dead_rows.numel()
             if n_dead == 0:
                 dead_rows = None
             else:
+                if diagnose:
+                    cols = pre.index_select(1, dead_rows).float()
+                    if bias is not None:
+                        cols += bias[dead_rows].float()
+                    margin = cols.max(1).values - top_v[:, self.k - 1].float()
+                    del cols
                 k_aux = min(self.k_aux, n_dead)
                 if self.auxk_bf16:
                     # A bf16 GEMM over the dead rows (AMX on recent CPUs) costs less than
@@ -296,7 +310,7 @@ class TopKSAE(nn.Module):
                 del src
         del pre
         # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
-        return _Selection(top_v.to(self.W_enc.dtype), top_i, dead_rows, aux_z, aux_v, aux_local)
+        return _Selection(top_v.to(self.W_enc.dtype), top_i, dead_rows, aux_z, aux_v, aux_local, margin)
 
     def _fused_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
         """Reconstructions and losses through kernels.TopKTrainStep / ReconLosses (hand-written

@@ -131,7 +131,8 @@ class SAEModule(L.LightningModule):
         # reference code updates its counters first and masks after).
         world = self.trainer.world_size if self._trainer is not None else 1
         candidates = self.tokens_since_fired + x.shape[0] * world >= hp.dead_tokens
-        out = self.sae(x, dead_mask=candidates if auxk_on else None)
+        log_now = self._trainer is not None and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+        out = self.sae(x, dead_mask=candidates if auxk_on else None, diagnose=log_now)
         loss = out.nmse + out.extra_loss
         if auxk_on:
             loss = loss + hp.auxk_alpha * out.auxk_loss
@@ -152,6 +153,12 @@ class SAEModule(L.LightningModule):
         )
         if self.sae.multi_topk:
             self.log("train/multi_topk_nmse", out.multi_topk_nmse.detach(), on_step=True, batch_size=x.shape[0])
+        if out.dead_margin is not None:
+            # Where AuxK's dead latents stand against the firing threshold (<= 0): the median
+            # token, and the best one. Moving toward 0 means AuxK is reviving them.
+            self.log_dict({"train/dead_margin_median": out.dead_margin.median(),
+                           "train/dead_margin_max": out.dead_margin.max()},
+                          on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
     @torch.no_grad()
