@@ -159,6 +159,25 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
     return row, curve_from_events(trainer.log_dir, run.name, batch)
 
 
+TRAIN_CURVE_TAGS = ("train/dead_frac", "train/dead_margin_median", "train/dead_margin_max")
+
+
+def train_curves_from_events(log_dir: str, run: str, batch_size: int) -> list[dict]:
+    """The training-time dead-latent curves of a run: the dead fraction and where AuxK's dead
+    latents stand against the firing threshold (sae_lit.training.module logs them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
+    have = set(ev.Tags().get("scalars", []))
+    by_step: dict[int, dict] = {}
+    for tag in TRAIN_CURVE_TAGS:
+        if tag in have:
+            for e in ev.Scalars(tag):
+                row = by_step.setdefault(e.step, {"run": run, "step": e.step + 1, "tokens": (e.step + 1) * batch_size})
+                row[tag] = e.value
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def curve_from_events(log_dir: str, run: str, batch_size: int) -> list[dict]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -265,7 +284,7 @@ def evals_done(row: dict) -> set[str]:
 def write_tables(spec: dict) -> list[dict]:
     """(Re)write results.csv and curves.csv from every finished run's result.json."""
     root = Path(spec["root"])
-    rows, curves = [], []
+    rows, curves, train_curves = [], [], []
     by_name = {r.name: r for r in expand(spec)}
     for path in sorted((root / "runs").glob("*/result.json")):
         try:
@@ -280,12 +299,17 @@ def write_tables(spec: dict) -> list[dict]:
         rows.append(row)
         log_dir = row.get("log_dir")
         # Rebuilt from the run's own TensorBoard events when they are there (they are the record).
-        curves += curve_from_events(log_dir, row["run"], int(row["batch_size"])) if log_dir and Path(log_dir).is_dir() else res["curve"]
+        if log_dir and Path(log_dir).is_dir():
+            curves += curve_from_events(log_dir, row["run"], int(row["batch_size"]))
+            train_curves += train_curves_from_events(log_dir, row["run"], int(row["batch_size"]))
+        else:
+            curves += res["curve"]
     if not rows:
         return rows
     cols = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(root / "results.csv", rows, cols)
     write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
+    write_csv(root / "train_curves.csv", train_curves, ["run", "step", "tokens", *TRAIN_CURVE_TAGS])
     return rows
 
 

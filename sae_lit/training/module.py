@@ -40,6 +40,7 @@ class SAEModule(L.LightningModule):
         ema_decay: float | None = None,
         init_sample_size: int = 32768,
         histogram_every_n_steps: int = 200,
+        dead_adam_reset: bool = False,
     ):
         """
         Args:
@@ -54,6 +55,8 @@ class SAEModule(L.LightningModule):
             ema_decay: keep an EMA of the weights (e.g. 0.999) used for validation and export.
             init_sample_size: activations used for the geometric-median init of b_dec.
             histogram_every_n_steps: how often the latent-density histogram is logged.
+            dead_adam_reset: ablation, off by default (the reference keeps them): zero a latent's
+                Adam moments when it dies, so that AuxK's steps on it start afresh.
         """
         super().__init__()
         if isinstance(sae, TopKSAE):
@@ -187,6 +190,26 @@ class SAEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_gradient_parallel_to_decoder_directions()
+        if self.hparams.dead_adam_reset:
+            self._reset_adam_of_newly_dead(optimizer)
+
+    @torch.no_grad()
+    def _reset_adam_of_newly_dead(self, optimizer) -> None:
+        """Zero the Adam moments of the latents that died with this batch (the ablation
+        dead_adam_reset): their rows in W_enc, b_enc and W_dec."""
+        dead = self.tokens_since_fired >= self.hparams.dead_tokens
+        was = getattr(self, "_dead_before", None)
+        self._dead_before = dead.clone()
+        if was is None:
+            return
+        rows = (dead & ~was).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        for p in (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec):
+            state = getattr(optimizer, "optimizer", optimizer).state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
