@@ -4,9 +4,11 @@ One copy each; this module imports nothing else of sae_lit, so any stage may use
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -116,3 +118,25 @@ def acts_of(batch):
     elif isinstance(batch, (tuple, list)):
         batch = batch[0]
     return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(m: int, k: int, n: int, reps: int = 3) -> float:
+    """fp32 time / bf16 time of a [m, k] x [k, n] CPU matmul, measured here (best of ``reps``).
+
+    CPUs with AMX or AVX512-BF16 run bf16 GEMMs several times faster than fp32; others emulate
+    bf16 and run it several times slower. Measuring beats guessing from CPU flags."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = a.to(dtype), b.to(dtype)
+        torch.mm(x, w)  # warm-up: first calls pick kernels
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(x, w)
+            times.append(time.perf_counter() - t)
+        best[dtype] = min(times)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-12)

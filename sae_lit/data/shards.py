@@ -36,6 +36,7 @@ MATCH_KEYS = (
     "val_tokens_requested",
     "blocks_per_shard",
     "outlier_factor",
+    "subject_dtype",
 )
 
 
