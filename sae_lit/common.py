@@ -108,16 +108,16 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110, tb_writer=None, ta
     return path
 
 
-def acts_of(batch):
-    """The activations of a batch: a tensor, or a dict / tuple whose first item is one, as
-    float32 when stored in half precision (float16 / bfloat16)."""
+def acts_of(batch, float32: bool = True):
+    """The activations of a batch: a tensor, or a dict / tuple whose first item is one; as
+    float32 when stored in half precision (float16 / bfloat16), unless ``float32`` is False."""
     import torch
 
     if isinstance(batch, dict):
         batch = batch["acts"]
     elif isinstance(batch, (tuple, list)):
         batch = batch[0]
-    return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
+    return batch.float() if float32 and batch.dtype in (torch.float16, torch.bfloat16) else batch
 
 
 @functools.lru_cache(maxsize=None)

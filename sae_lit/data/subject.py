@@ -115,7 +115,15 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     else:
         torch_dtype = getattr(torch, dtype)
     name, kwargs = _pretrained_args(spec)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # seconds of de-quantising and loading: no bars for that
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     # GGUF weights come back de-quantized to float32 whatever dtype was asked for.
     model = model.to(device=device, dtype=torch_dtype)
     model.eval().requires_grad_(False)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 from torch import Tensor, nn
 
 from sae_lit.common import acts_of
 from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
+from sae_lit.model.formats import export_sae
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
 from sae_lit.model.sae import SAEConfig, TopKSAE
 
@@ -100,7 +103,15 @@ class SAEModule(L.LightningModule):
             self._ema_written = int(self.weight_ema.steps)
         return self.ema
 
+    def setup(self, stage: str) -> None:
+        # TensorBoard's HPARAMS tab compares runs by val/nmse (declared at the first
+        # validation), not by Lightning's placeholder hp_metric = -1.
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger._default_hp_metric = False
+
     def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.max_steps and self.trainer.max_steps > 0:
+            print(self._summary())
         if self.device.type == "cpu":
             native.keep_freed_memory()  # no page faults on the step's large temporaries
         dm = getattr(self.trainer, "datamodule", None)
@@ -123,6 +134,14 @@ class SAEModule(L.LightningModule):
             t.copy_(self.trainer.strategy.broadcast(t, src=0))
         if self.ema is not None:
             self.ema.load_state_dict(self.sae.state_dict())
+
+    def _summary(self) -> str:
+        cfg, tr = self.sae.cfg, self.trainer
+        batch = getattr(tr.datamodule, "batch_size", None)
+        tokens = f" x {batch:,} tokens = {_count(tr.max_steps * batch * tr.world_size)} tokens" if batch else ""
+        params = sum(p.numel() for p in self.sae.parameters())
+        return (f"SAE: {cfg.activation} d_in={cfg.d_in} latents={cfg.num_latents:,} k={cfg.k} "
+                f"({_count(params)} parameters), lr {self.lr:.3g}; training {tr.max_steps:,} steps{tokens}")
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
@@ -148,6 +167,8 @@ class SAEModule(L.LightningModule):
         dead = self.tokens_since_fired >= hp.dead_tokens
 
         l0 = (out.values.detach() > 0).sum(-1).float().mean()
+        if log_now:
+            self._log_throughput(x.shape[0] * world)
         self.log_dict(
             {"train/loss": loss.detach(), "train/nmse": out.nmse.detach(), "train/auxk": out.auxk_loss.detach(),
              "train/l0": l0, "train/dead_frac": dead.float().mean(),
@@ -163,6 +184,15 @@ class SAEModule(L.LightningModule):
                            "train/dead_margin_max": out.dead_margin.max()},
                           on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
+
+    def _log_throughput(self, batch_tokens: int) -> None:
+        """train/tokens_per_sec over the steps since the last log (all ranks' tokens)."""
+        now, step = time.perf_counter(), self.global_step
+        last = getattr(self, "_throughput_mark", None)
+        self._throughput_mark = (now, step)
+        if last is not None and step > last[1]:
+            self.log("train/tokens_per_sec", (step - last[1]) * batch_tokens / (now - last[0]),
+                     on_step=True, on_epoch=False, batch_size=batch_tokens)
 
     @torch.no_grad()
     def _track_firing(self, values: Tensor, indices: Tensor, batch_tokens: int) -> None:
@@ -260,6 +290,10 @@ class SAEModule(L.LightningModule):
 
     def _log_eval_metrics(self) -> None:
         nmse = self.val_nmse.compute()
+        if (isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
+                and not getattr(self, "_hp_metric_declared", False) and self.trainer.is_global_zero):
+            self.logger.log_hyperparams(self.hparams, {"val/nmse": float(nmse)}, step=self.global_step)
+            self._hp_metric_declared = True
         freq = self.val_firing.frequencies()
         self.log_dict(
             {"val/nmse": nmse, "val/explained_variance": 1 - nmse, "val/l0": self.val_l0.compute(),
@@ -288,8 +322,6 @@ class SAEModule(L.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
         if not self.trainer.is_global_zero:
             return
-        from sae_lit.model.formats import export_sae
-
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if final:
             print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
@@ -335,6 +367,14 @@ class WeightEMA(nn.Module):
         for b_t, b in zip(target.buffers(), source.buffers()):
             b_t.copy_(b)
         target.set_decoder_norm_to_unit_norm()
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.23M', 66100 -> '66.1k'."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
 
 
 def _buffer_name(param_name: str) -> str:
