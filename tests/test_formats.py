@@ -198,3 +198,30 @@ def test_norm_scaling_factor_only_where_it_applies(tmp_path):
     out = export_sae(TopKSAE(D, N, k=K), tmp_path / "sae")
     with pytest.raises(ValueError, match="expected_average_only_in"):
         load_sae(out, norm_scaling_factor=2.0)
+
+
+class DenseCodesSAE:
+    """Another library's style: encode -> dense [B, n] codes, decode(codes) -> raw activations."""
+
+    def __init__(self):
+        self.W = _rand(N, D, seed=9) / 4
+        self.d_sae = N
+
+    def encode(self, x):
+        return (x @ self.W.T - 0.5).relu()
+
+    def decode(self, z):
+        return z @ self.W + 1.0
+
+
+def test_the_eval_adapter_takes_dense_code_apis():
+    from sae_lit.evals.adapter import as_adapter, densify
+
+    sae, x = DenseCodesSAE(), inputs(D)
+    adapter = as_adapter(sae)
+    assert adapter.dense_codes_api and not adapter.ours
+    torch.testing.assert_close(densify(*adapter.encode(x), N), sae.encode(x))
+    torch.testing.assert_close(adapter.reconstruct(x), sae.decode(sae.encode(x)))
+    v, i = adapter.encode(x)
+    dirs = adapter.decoder_directions(x, i)
+    torch.testing.assert_close(dirs, sae.W[i])

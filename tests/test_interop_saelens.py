@@ -203,3 +203,17 @@ def test_our_exports_load_in_saelens(activation, normalize, tmp_path):
     from sae_lens.loading.pretrained_sae_loaders import load_safetensors_weights
 
     assert load_safetensors_weights(path / "sparsity.safetensors")["sparsity"].shape == (N,)
+
+
+def test_a_live_saelens_sae_in_the_evals():
+    """The evals' one adapter takes a SAELens SAE as it is (converted once, exactly)."""
+    from interop import rel_err
+    from sae_lit.evals.adapter import as_adapter, densify
+
+    sae = _randomize(CASES["topk_all_options"]())
+    x = inputs(D)
+    recon, codes = _theirs(sae, x)
+    adapter = as_adapter(sae)
+    assert adapter.source is sae and adapter.ours and adapter.num_latents == N
+    assert rel_err(adapter.reconstruct(x), recon) < 1e-5
+    assert rel_err(densify(*adapter.encode(x), N), codes) < 1e-5

@@ -102,3 +102,17 @@ def test_sparsify_export_refuses_what_it_cannot_hold(tmp_path):
         export_sae(TopKSAE(D, N, k=K, activation="relu"), tmp_path / "a", format="sparsify")
     with pytest.raises(ValueError, match="layer norm"):
         export_sae(TopKSAE(D, N, k=K, normalize="layer_norm"), tmp_path / "b", format="sparsify")
+
+
+def test_a_live_sparse_coder_in_the_evals():
+    """The evals' one adapter takes a sparsify SparseCoder as it is (converted once, exactly)."""
+    from interop import rel_err
+    from sae_lit.evals.adapter import as_adapter, densify
+
+    coder = _coder()
+    x = inputs(D)
+    recon, codes = _theirs(coder, x)
+    adapter = as_adapter(coder)
+    assert adapter.source is coder and adapter.ours and adapter.k == K
+    assert rel_err(adapter.reconstruct(x), recon) < 1e-5
+    assert rel_err(densify(*adapter.encode(x), N), codes) < 1e-5

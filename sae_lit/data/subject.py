@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sae_lit.data.hookpoints import TAP, Hookpoint, find_blocks, resolve_hookpoint
+from sae_lit.data.hookpoints import TAP, Hookpoint, find_blocks, resolve_hookpoint, sae_hook_module, sae_hookpoint, same_model
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_ALIASES = ("smollm2-135m", "embedded", "default", "")
@@ -171,6 +174,18 @@ def hookpoint_info(model_spec: str, hookpoint: str) -> tuple[Hookpoint, int]:
     probe = load_model(model_spec, "cpu")
     with torch.inference_mode():
         return hp, HookedForward(probe, hookpoint)(torch.zeros(1, 2, dtype=torch.long)).shape[-1]
+
+
+def published_sae_hook(metadata: dict | None, model_spec: str, sae_name: str = "the SAE") -> str | None:
+    """Where an SAE's metadata (model_name, hook_name, ... in any library's spelling) says it reads,
+    as a module path of ``model_spec`` (a cache manifest's hook_name), None when it does not say;
+    warns when it names another model than ``model_spec``."""
+    meta = metadata or {}
+    sae_model = meta.get("model_name")
+    if not (same_model(sae_model, hub_name(model_spec)) or same_model(sae_model, canonical_model(model_spec))):
+        log.warning("%s was trained on %s, not on the configured model %s; going on anyway", sae_name, sae_model,
+                    hub_name(model_spec))
+    return sae_hook_module(meta, _meta_model(model_spec)) if sae_hookpoint(meta) else None
 
 
 # --- the truncated forward ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Literal
 from torch import Tensor
 
 from sae_lit.model.formats import saelens, sparsify
-from sae_lit.model.formats.load import detect, load_sae, parts_of_object
+from sae_lit.model.formats.load import detect, load_sae, object_kind, parts_of_object
 from sae_lit.model.formats.parts import FormatError
 from sae_lit.model.sae import TopKSAE
 
@@ -46,4 +46,4 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None, 
     raise ValueError(f"format must be 'saelens' or 'sparsify', got {format!r}")
 
 
-__all__ = ["ExportFormat", "FormatError", "detect", "export_sae", "load_sae", "parts_of_object"]
+__all__ = ["ExportFormat", "FormatError", "detect", "export_sae", "load_sae", "object_kind", "parts_of_object"]

@@ -119,23 +119,33 @@ def _tensors(module) -> dict[str, Tensor]:
     return {k: v for k, v in module.state_dict().items() if isinstance(v, Tensor)}
 
 
-def parts_of_object(sae) -> SAEParts:
-    """A SAELens SAE (has ``cfg.to_dict()`` with an architecture) or a sparsify SparseCoder (has
-    ``cfg.k`` and an ``encoder`` Linear) in memory, read through the same checks as their files."""
+def object_kind(sae) -> str | None:
+    """"saelens" for a SAELens SAE (``cfg.to_dict()`` with an architecture, and W_enc), "sparsify"
+    for a sparsify SparseCoder (``cfg.k`` and an ``encoder`` Linear), else None."""
     cfg = getattr(sae, "cfg", None)
     to_dict = getattr(cfg, "to_dict", None)
-    name = type(sae).__name__
-    if callable(to_dict) and "architecture" in (d := to_dict()) and hasattr(sae, "W_enc"):
+    if callable(to_dict) and hasattr(sae, "W_enc") and "architecture" in to_dict():
+        return "saelens"
+    if cfg is not None and hasattr(cfg, "k") and isinstance(getattr(sae, "encoder", None), torch.nn.Linear):
+        return "sparsify"
+    return None
+
+
+def parts_of_object(sae) -> SAEParts:
+    """A SAELens SAE or a sparsify SparseCoder in memory, read through the same checks as their files."""
+    kind, name = object_kind(sae), type(sae).__name__
+    if kind == "saelens":
         state = _tensors(sae)
         if "finetuning_scaling_factor" in state:
             state["scaling_factor"] = state.pop("finetuning_scaling_factor")
         # In memory, SAELens leaves expected_average_only_in unscaled (input_scale 1, as parsed).
-        return saelens.from_config(d, state, f"<{name}>")
-    if cfg is not None and hasattr(cfg, "k") and isinstance(getattr(sae, "encoder", None), torch.nn.Linear):
-        d = dict(vars(cfg)) if not callable(to_dict) else dict(to_dict())
+        return saelens.from_config(sae.cfg.to_dict(), state, f"<{name}>")
+    if kind == "sparsify":
+        to_dict = getattr(sae.cfg, "to_dict", None)
+        d = dict(to_dict()) if callable(to_dict) else dict(vars(sae.cfg))
         return sparsify.from_config({**d, "d_in": int(sae.d_in)}, _tensors(sae), f"<{name}>")
     raise TypeError(f"{name}: not an SAE sae_lit can convert (a SAELens SAE, a sparsify SparseCoder, or a TopKSAE); "
                     "the evals also take any object with encode/decode through sae_lit.evals.adapter")
 
 
-__all__ = ["FormatError", "description", "detect", "load_sae", "parts_of_object", "read_parts", "resolve"]
+__all__ = ["FormatError", "description", "detect", "load_sae", "object_kind", "parts_of_object", "read_parts", "resolve"]
