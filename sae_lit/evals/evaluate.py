@@ -3,7 +3,7 @@ dictionary_learning, local or on the hub (see sae_lit.model.formats).
 
     python -m sae_lit.evals --sae logs/quickstart/lightning_logs/version_0/sae --config configs/quickstart.yaml
     python -m sae_lit.evals --sae DIR --config CFG --evals.evals '[downstream, probes]' --evals.n2g_latents 16
-    python -m sae_lit.evals --sae hf://EleutherAI/sae-pythia-70m-32k --subfolder layers.3 --config CFG
+    python -m sae_lit.evals --sae hf://EleutherAI/sae-llama-3-8b-32x --subfolder layers.10 --config CFG
 
 The config's `data:` section (a LightningCLI config, or flat data-module keys) names the subject
 model, the hookpoint and the activation cache (built if missing); an EvalSuite callback in its
