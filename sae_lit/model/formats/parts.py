@@ -84,33 +84,40 @@ def load_pickled(path: Path) -> dict:
     return state
 
 
+def _matvec(W: Tensor, v: Tensor, rows: int = 8192) -> Tensor:
+    """W @ v accumulated in float64, a block of rows at a time (no float64 copy of all of W)."""
+    v = v.double()
+    return torch.cat([W[i : i + rows].double() @ v for i in range(0, W.shape[0], rows)])
+
+
 @torch.no_grad()
 def build_sae(parts: SAEParts, device: str | torch.device = "cpu") -> TopKSAE:
     p = parts
     n, d = p.W_enc.shape
-    W_enc, b_enc, W_dec, b_dec = (t.double() for t in (p.W_enc, p.b_enc, p.W_dec, p.b_dec))
+    W_enc, W_dec = p.W_enc, p.W_dec
+    b_enc = p.b_enc.double()
     b_mag = p.b_mag.double() if p.b_mag is not None else None
-    threshold = p.threshold.double() if p.threshold is not None else None
     if not p.apply_b_dec_to_input:
-        b_enc = b_enc + W_enc @ b_dec
+        b_enc = b_enc + _matvec(W_enc, p.b_dec)
         if b_mag is not None:
-            b_mag = b_mag + (W_enc * p.r_mag.double().exp()[:, None]) @ b_dec
+            b_mag = b_mag + _matvec(W_enc, p.b_dec) * p.r_mag.double().exp()
     if p.rescale_by_decoder_norm:
-        norms = W_dec.norm(dim=1).clamp_min(1e-8)  # SAELens clamps the same way
-        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+        norms = W_dec.double().norm(dim=1).clamp_min(1e-8)  # SAELens clamps the same way
+        W_enc, b_enc = W_enc * norms.float()[:, None], b_enc * norms
+        W_dec = W_dec / norms.float()[:, None]
     cfg = SAEConfig.from_dict({**p.config, "d_in": d, "num_latents": n, "k": p.k, "activation": p.activation,
                                "normalize": p.normalize})
     sae = TopKSAE(cfg)
     sae.W_enc.copy_(W_enc)
     sae.b_enc.copy_(b_enc)
     sae.W_dec.copy_(W_dec)
-    sae.b_dec.copy_(b_dec)
+    sae.b_dec.copy_(p.b_dec)
     sae.input_scale.fill_(p.input_scale)
     if p.activation == "gated":
         sae.act.r_mag.copy_(p.r_mag)
         sae.act.b_mag.copy_(b_mag)
     elif p.activation in ("jumprelu", "batchtopk", "matryoshka"):
-        sae.act.threshold.copy_(threshold.reshape(sae.act.threshold.shape))
+        sae.act.threshold.copy_(p.threshold.reshape(sae.act.threshold.shape))
     sae.initialized.fill_(True)
     sae.export_cfg = p.description
     return sae.to(device)
