@@ -26,7 +26,8 @@ def openai_state(activation="TopK", k=K):
     """Autoencoder.state_dict() of openai/sparse_autoencoder: its parameters and statistics
     buffers, plus the activation's class name and state."""
     state = {
-        "pre_bias": _rand(D, seed=1, scale=0.5), "encoder.weight": _rand(N, D, seed=2), "latent_bias": _rand(N, seed=3, scale=0.3),
+        "pre_bias": _rand(D, seed=1, scale=0.5), "encoder.weight": _rand(N, D, seed=2),
+        "latent_bias": _rand(N, seed=3, scale=0.3),
         "decoder.weight": _rand(D, N, seed=4) / 4, "stats_last_nonzero": torch.zeros(N, dtype=torch.long),
         "latents_activation_frequency": torch.ones(N), "latents_mean_square": torch.zeros(N), "activation": activation,
     }
@@ -122,7 +123,8 @@ def test_dictionary_learning_files(dict_class, threshold, tmp_path):
     folder, state = dl_folder(tmp_path, dict_class, threshold)
     assert detect(folder) == detect(folder / "ae.pt") == "dictionary_learning"
     ours = load_sae(folder)
-    assert ours.activation == {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk" if threshold >= 0 else "relu"}[dict_class]
+    expected = {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk" if threshold >= 0 else "relu"}[dict_class]
+    assert ours.activation == expected
     x = inputs(D)
     assert_same_outputs(ours, x, *dl_forward(state, x, dict_class))
     meta = ours.export_cfg["metadata"]

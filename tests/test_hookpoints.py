@@ -125,7 +125,8 @@ def test_names_and_models():
 
 def test_published_hookpoints_on_a_model(llama):
     assert sae_hook_module({"hook_name": "blocks.1.hook_resid_post"}, llama) == "model.layers.1"
-    assert sae_hook_module({"hook_name": "blocks.1.hook_resid_post", "hf_hook_name": "model.layers.2"}, llama) == "model.layers.2"
+    both = {"hook_name": "blocks.1.hook_resid_post", "hf_hook_name": "model.layers.2"}
+    assert sae_hook_module(both, llama) == "model.layers.2"
     assert sae_hook_module({"hook_name": "resid_post_attn.0"}, llama) == "model.layers.0.post_attention_layernorm.hook_in"
     assert sae_hook_module({"hook_name": "blocks.0.attn.hook_z"}, llama) is None  # not a site we have
     assert sae_hook_module({}, llama) is None
@@ -134,6 +135,6 @@ def test_published_hookpoints_on_a_model(llama):
 def test_cache_on_an_input_site(cache_kwargs):
     from sae_lit.data.cache import CacheConfig, build_cache
 
-    cfg = CacheConfig(**{**cache_kwargs, "hookpoint": "blocks.1.hook_resid_mid", "train_tokens": 16 * 8, "val_tokens": 16 * 8})
+    cfg = CacheConfig(**{**cache_kwargs, "hookpoint": "blocks.1.hook_resid_mid", "train_tokens": 128, "val_tokens": 128})
     manifest = build_cache(cfg, progress=False).manifest
     assert manifest["hook_name"] == "model.layers.1.post_attention_layernorm.hook_in" and manifest["d_in"] == 32

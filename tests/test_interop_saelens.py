@@ -49,7 +49,8 @@ CASES = {
     "standard_no_b_dec_in_layer_norm": lambda: sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
         **_cfg(apply_b_dec_to_input=False, normalize_activations="layer_norm"))),
     "topk": lambda: sae_lens.TopKSAE(sae_lens.TopKSAEConfig(**_cfg(k=K))),
-    "topk_rescale_by_decoder_norm": lambda: sae_lens.TopKSAE(sae_lens.TopKSAEConfig(**_cfg(k=K, rescale_acts_by_decoder_norm=True))),
+    "topk_rescale_by_decoder_norm": lambda: sae_lens.TopKSAE(sae_lens.TopKSAEConfig(
+        **_cfg(k=K, rescale_acts_by_decoder_norm=True))),
     "topk_all_options": lambda: sae_lens.TopKSAE(sae_lens.TopKSAEConfig(**_cfg(
         k=K, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False, normalize_activations="layer_norm"))),
     "jumprelu": lambda: sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(**_cfg())),
@@ -140,8 +141,8 @@ def test_pre6_relu_and_refusals(tmp_path):
     for key, value, match in [("activation_fn_str", "tanh-relu", "tanh-relu"),
                               ("activation_fn_kwargs", {"k": 3, "signed": True}, "signed"),
                               ("normalize_activations", "constant_norm_rescale", "constant_norm_rescale")]:
-        (path / "cfg.json").write_text(json.dumps({**cfg, **({"activation_fn_str": "topk"} if key == "activation_fn_kwargs" else {}),
-                                                   key: value}))
+        topk = {"activation_fn_str": "topk"} if key == "activation_fn_kwargs" else {}
+        (path / "cfg.json").write_text(json.dumps({**cfg, **topk, key: value}))
         with pytest.raises(FormatError, match=match):
             load_sae(path)
 

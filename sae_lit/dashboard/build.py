@@ -323,7 +323,8 @@ def site_info(cfg: DashboardConfig, inputs: Inputs, stats: LatentStats, blocks: 
             f"{sae.num_latents:,} latents"
     facts = {
         "SAE": (str(cfg.sae) if isinstance(cfg.sae, (str, Path)) else type(cfg.sae).__name__)
-               + (f" / {cfg.subfolder}" if cfg.subfolder else "") + (f" ({export_cfg['format']})" if "format" in export_cfg else ""),
+               + (f" / {cfg.subfolder}" if cfg.subfolder else "")
+               + (f" ({export_cfg['format']})" if "format" in export_cfg else ""),
         "architecture": f"{export_cfg.get('architecture', sae.activation)}"
                         + (f", k = {sae.k}" if sae.activation == "topk" else ""),
         "d_in × latents": f"{sae.d_in} × {sae.num_latents:,}",

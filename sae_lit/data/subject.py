@@ -19,13 +19,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sae_lit.data.hookpoints import TAP, Hookpoint, find_blocks, resolve_hookpoint, sae_hook_module, sae_hookpoint, same_model
+from sae_lit.data.hookpoints import (TAP, Hookpoint, find_blocks, resolve_hookpoint, sae_hook_module, sae_hookpoint,
+                                     same_model)
 
 log = logging.getLogger(__name__)
 

@@ -159,7 +159,8 @@ def from_config(cfg: dict, tensors: dict, cfg_path, w_path=None, source=None) ->
             W_dec = W_dec * s[:, None]  # pre-6 decode: (z * s) @ W_dec
     activation = READABLE[arch]
     threshold = w.get("threshold")
-    if arch == "jumprelu" and ours.get("activation") in ("batchtopk", "matryoshka") and bool((threshold == threshold[0]).all()):
+    one_theta = arch == "jumprelu" and bool((threshold == threshold[0]).all())
+    if one_theta and ours.get("activation") in ("batchtopk", "matryoshka"):
         activation, threshold = ours["activation"], threshold[0]  # our own BatchTopK export: one theta
     k = int(cfg["k"]) if arch == "topk" else int(ours.get("k", 1))
     metadata = dict(cfg.get("metadata") or {})
@@ -177,7 +178,6 @@ def from_config(cfg: dict, tensors: dict, cfg_path, w_path=None, source=None) ->
                                 **({"k": k} if arch == "topk" else {}), normalize_activations=norm,
                                 **({"sae_lit": ours} if ours else {})),
     )
-    return parts
 
 
 def write(sae: TopKSAE, out: Path, metadata: dict | None = None, density: torch.Tensor | None = None) -> Path:
