@@ -106,12 +106,13 @@ def test_expected_average_only_in_needs_the_scaling_factor(tmp_path):
 
 
 def _pre6(tmp_path, sae, cfg: dict, extra_tensors=None):
-    """A folder as SAELens < 6 wrote it: top-level hook/model keys, activation_fn_str, no version."""
+    """A folder as SAELens < 6 wrote it: top-level hook/model keys, activation_fn_str, no version, and
+    architecture "standard" even for TopK (the activation function said TopK)."""
     path = tmp_path / "pre6"
     path.mkdir()
     tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
     save_file({**tensors, **(extra_tensors or {})}, str(path / "sae_weights.safetensors"))
-    base = {"d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
+    base = {"architecture": "standard", "d_in": D, "d_sae": N, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
             "hook_point": "blocks.1.hook_resid_post", "hook_point_layer": 1, "hook_point_head_index": None,
             "context_size": 128, "prepend_bos": True, "apply_b_dec_to_input": True, "normalize_activations": False}
     (path / "cfg.json").write_text(json.dumps({**base, **cfg}))
