@@ -31,7 +31,9 @@ def test_quickstart_path(cache_kwargs):
     assert dm.d_in == 32 and dm.norm_scale is None  # from the model config, before any cache
     assert dm.export_metadata() == {
         "model_name": str(Path(cache_kwargs["model"]).resolve()),
-        "hook_name": "model.layers.1",
+        "model_class_name": "HookedTransformer",
+        "hook_name": "blocks.1.hook_resid_post",
+        "hf_hook_name": "model.layers.1",
         "hookpoint": "resid_post.1",
         "context_size": 16,
         "prepend_bos": True,

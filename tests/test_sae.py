@@ -268,8 +268,9 @@ def test_layer_norm_mode_round_trips_raw_space():
     x = torch.randn(10, 16) * 5 + 2
     sae.init_from_data(x)
     out = sae(x)
-    mu, std = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
-    x_n = (x - mu) / std
+    # openai/sparse_autoencoder's LN: unbiased std, eps added to the std (not under the root)
+    mu, std = x.mean(-1, keepdim=True), x.var(-1, unbiased=True, keepdim=True).sqrt()
+    x_n = (x - mu) / (std + 1e-5)
     v, i = (((x_n - sae.b_dec) @ sae.W_enc.t()) + sae.b_enc).topk(16, dim=-1)
     manual = (torch.zeros(10, 64).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec) * std + mu
     torch.testing.assert_close(out.reconstruction, manual, atol=1e-4, rtol=1e-4)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from sae_lit.data import shards as sh
 from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
+from sae_lit.data.hookpoints import TAP, tl_hook_name
 from sae_lit.data.subject import hookpoint_info, hub_name
 
 log = logging.getLogger(__name__)
@@ -231,15 +232,23 @@ class ActivationDataModule(L.LightningDataModule):
                 yield torch.from_numpy(block.tokens.astype(np.int64)), sh.decode_acts(block.acts, dtype)
 
     def export_metadata(self) -> dict:
-        """SAELens cfg.json `metadata`."""
+        """SAELens cfg.json `metadata`: the hookpoint under its TransformerLens name for the
+        standard sites (with model_class_name HookedTransformer), else the module path (for
+        SAELens's AutoModelForCausalLM wrapper); hf_hook_name is the module whose output it is,
+        left out for a module's input (SAELens hooks outputs only)."""
         if self.manifest is not None:
-            hook_name = self.manifest["hook_name"]
+            module_path = self.manifest["hook_name"]
         else:
-            hook_name = hookpoint_info(self.cache_config.model, self.cache_config.hookpoint)[0].module_path
-        return {
+            module_path = hookpoint_info(self.cache_config.model, self.cache_config.hookpoint)[0].module_path
+        tl_name = tl_hook_name(self.cache_config.hookpoint)
+        meta = {
             "model_name": hub_name(self.cache_config.model),
-            "hook_name": hook_name,
+            "model_class_name": "HookedTransformer" if tl_name else "AutoModelForCausalLM",
+            "hook_name": tl_name or module_path,
             "hookpoint": self.cache_config.hookpoint,
             "context_size": self.cache_config.context_length,
             "prepend_bos": True,
         }
+        if not module_path.endswith("." + TAP):
+            meta["hf_hook_name"] = module_path
+        return meta

@@ -7,21 +7,27 @@ Model specs (one string, as in configs):
   "/path/to/folder"          a `save_pretrained` folder
   "org/name"                 a hub id (needs network or a populated HF cache)
 
-Hookpoint specs:
+Hookpoint specs (all of them in sae_lit.data.hookpoints):
   "resid_post.L"             residual stream after block L (the block's output)
-  "blocks.L.hook_resid_post" the same, TransformerLens spelling
+  "blocks.L.hook_resid_post" the same, TransformerLens spelling; also resid_pre / resid_mid /
+                             attn_out / mlp_out / mlp_post, and OpenAI's location names
   "model.layers.5.mlp"       any module path; its output (first element if it returns a tuple)
+  "model.layers.5.mlp:input" a module's input
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import re
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sae_lit.data.hookpoints import (TAP, Hookpoint, find_blocks, resolve_hookpoint, sae_hook_module, sae_hookpoint,
+                                     same_model)
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_ALIASES = ("smollm2-135m", "embedded", "default", "")
@@ -130,57 +136,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     return model
 
 
-# --- hookpoints ---------------------------------------------------------------------------
-
-_RESID = re.compile(r"^(?:resid_post\.(-?\d+)|blocks\.(-?\d+)\.hook_resid_post)$")
-
-
-@dataclass(frozen=True)
-class Hookpoint:
-    spec: str  # as the user wrote it, e.g. "resid_post.15"
-    module_path: str  # transformers module path, e.g. "model.layers.15" (SAELens hook_name)
-    block_index: int | None  # block the hookpoint sits in; the forward stops inside it
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks: the list whose length is the layer count (model.layers
-    for llama/mistral/qwen, transformer.h for gpt2, gpt_neox.layers, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    candidates = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
-    ]
-    if not candidates:
-        raise ValueError(
-            f"Could not find the transformer blocks of {type(model).__name__} (no nn.ModuleList of "
-            f"length num_hidden_layers={n_layers}); use a module path as hookpoint instead."
-        )
-    # The outermost list is the block stack; nested lists (e.g. experts) sit deeper.
-    return min(candidates, key=lambda c: c[0].count("."))
-
-
-def resolve_hookpoint(model: nn.Module, spec: str) -> Hookpoint:
-    blocks_path, blocks = find_blocks(model)
-    m = _RESID.match(spec.strip())
-    if m:
-        layer = int(m.group(1) if m.group(1) is not None else m.group(2))
-        n = len(blocks)
-        if not -n <= layer < n:
-            raise ValueError(f"hookpoint {spec!r}: the model has {n} blocks (0..{n - 1}).")
-        layer %= n
-        return Hookpoint(spec, f"{blocks_path}.{layer}", layer)
-    try:
-        model.get_submodule(spec)
-    except AttributeError:
-        raise ValueError(
-            f"hookpoint {spec!r} is neither resid_post.L nor a module path of {type(model).__name__} "
-            f"(blocks live at {blocks_path!r}, e.g. {blocks_path}.0.mlp)."
-        ) from None
-    block_index = None
-    if spec.startswith(blocks_path + "."):
-        block_index = int(spec[len(blocks_path) + 1 :].split(".")[0])
-    return Hookpoint(spec, spec, block_index)
+# --- hookpoints (named in sae_lit.data.hookpoints) ----------------------------------------
 
 
 def _meta_model(spec: str) -> nn.Module:
@@ -200,7 +156,20 @@ def hookpoint_info(model_spec: str, hookpoint: str) -> tuple[Hookpoint, int]:
     hp = resolve_hookpoint(model, hookpoint)
     module = model.get_submodule(hp.module_path)
     hidden = model.config.hidden_size
-    if hp.block_index is not None and hp.module_path.count(".") == find_blocks(model)[0].count(".") + 1:
+    block_depth = find_blocks(model)[0].count(".") + 1
+    if hp.module_path.endswith("." + TAP):  # an input tap: the width its parent reads
+        parent_path = hp.module_path[: -len(TAP) - 1]
+        parent = model.get_submodule(parent_path)
+        if isinstance(parent, nn.Linear):
+            return hp, parent.in_features
+        weight = getattr(parent, "weight", None)
+        if type(parent).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            return hp, weight.shape[0]  # GPT-2's Conv1D stores [in, out]
+        if hp.block_index is not None and parent_path.count(".") == block_depth:
+            return hp, hidden  # a block's input: the residual stream
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return hp, weight.shape[0]  # a norm's input
+    elif hp.block_index is not None and hp.module_path.count(".") == block_depth:
         return hp, hidden  # a whole block: its output is the residual stream
     if isinstance(module, nn.Linear):
         return hp, module.out_features
@@ -213,6 +182,18 @@ def hookpoint_info(model_spec: str, hookpoint: str) -> tuple[Hookpoint, int]:
     probe = load_model(model_spec, "cpu")
     with torch.inference_mode():
         return hp, HookedForward(probe, hookpoint)(torch.zeros(1, 2, dtype=torch.long)).shape[-1]
+
+
+def published_sae_hook(metadata: dict | None, model_spec: str, sae_name: str = "the SAE") -> str | None:
+    """Where an SAE's metadata (model_name, hook_name, ... in any library's spelling) says it reads,
+    as a module path of ``model_spec`` (a cache manifest's hook_name), None when it does not say;
+    warns when it names another model than ``model_spec``."""
+    meta = metadata or {}
+    sae_model = meta.get("model_name")
+    if not (same_model(sae_model, hub_name(model_spec)) or same_model(sae_model, canonical_model(model_spec))):
+        log.warning("%s was trained on %s, not on the configured model %s; going on anyway", sae_name, sae_model,
+                    hub_name(model_spec))
+    return sae_hook_module(meta, _meta_model(model_spec)) if sae_hookpoint(meta) else None
 
 
 # --- the truncated forward ----------------------------------------------------------------

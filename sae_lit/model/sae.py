@@ -27,8 +27,9 @@ from sae_lit.model import kernels, losses, native
 from sae_lit.model.activations import DENSE_ACTIVATIONS, Weights, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
-Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka"]
+Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka", "jumprelu"]
 BDecInit = Literal["geometric_median", "mean", "zero"]
+LAYER_NORM_EPS = 1e-5
 
 
 @dataclass
@@ -46,14 +47,16 @@ class SAEConfig:
     activation: Activation = "topk"
     """"topk" (the paper's); baselines "relu", "prolu", "gated" (trained with an L1 penalty,
     see the module's l1_coeff); "batchtopk" and "matryoshka" (k per token on average, a
-    JumpReLU threshold at inference). See sae_lit.model.activations."""
+    JumpReLU threshold at inference); "jumprelu" (per-latent thresholds; loaded SAEs only, not
+    trained). See sae_lit.model.activations."""
     k_aux: int = 512
     """Dead latents per token that AuxK decodes (capped at num_latents / 2)."""
     multi_topk: bool = False
     """Also decode the top 4k latents, for the loss L(k) + L(4k)/8 (progressive codes)."""
     normalize: Normalize = "constant"
     """"constant": one dataset scale s with E||s x||^2 = d_in (folded into the export);
-    "layer_norm": per token; "none"."""
+    "layer_norm": per token (x - mean) / (unbiased std + 1e-5), as openai/sparse_autoencoder and
+    SAELens; "none"."""
     tied_init: bool = True
     """Initialise W_enc as W_dec's transpose (paper sec. 2.4)."""
     b_dec_init: BDecInit = "geometric_median"
@@ -185,10 +188,14 @@ class TopKSAE(nn.Module):
     def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Input in the space the SAE works in, plus what is needed to undo it."""
         if self.normalize == "layer_norm":
+            # openai/sparse_autoencoder's LN (SAELens copies it): the *unbiased* std, with eps
+            # added to the std rather than the variance. Ours matches it exactly so that our
+            # layer_norm exports and their files compute the same thing. The inverse multiplies
+            # by the std alone (without eps), as theirs does.
             mu = x.mean(-1, keepdim=True)
             xc = x - mu
-            std = xc.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
-            return xc / std, (mu, std)
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + LAYER_NORM_EPS), (mu, std)
         if self.normalize == "constant":
             return x * self.input_scale.to(x.dtype), None
         return x, None

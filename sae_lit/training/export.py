@@ -1,6 +1,6 @@
 """A Lightning checkpoint of an SAEModule -> an SAE folder (sae_lit.model.formats).
 
-    python -m sae_lit.training.export CKPT OUT_DIR
+    python -m sae_lit.training.export CKPT OUT_DIR [--format saelens|sparsify]
 """
 from __future__ import annotations
 
@@ -9,20 +9,22 @@ from typing import Sequence
 
 from jsonargparse import CLI
 
-from sae_lit.model.formats import export_sae
+from sae_lit.model.formats import ExportFormat
 from sae_lit.training.module import SAEModule
 
 
-def export_checkpoint(ckpt: str, out: str) -> Path:
+def export_checkpoint(ckpt: str, out: str, format: ExportFormat = "saelens") -> Path:
     """Export the SAE of a Lightning checkpoint (its EMA weights when it keeps them).
 
     Args:
         ckpt: Lightning checkpoint (.ckpt) of an SAEModule.
-        out: output folder (SAELens layout).
+        out: output folder.
+        format: "saelens" (cfg.json + sae_weights.safetensors + sparsity.safetensors) or
+            "sparsify" (cfg.json + sae.safetensors; TopK SAEs without layer norm).
     """
     module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
-    path = export_sae(module.eval_sae, out, metadata=module.export_metadata)
-    print(f"Exported {ckpt} -> {path}")
+    path = module.export(out, format)
+    print(f"Exported {ckpt} -> {path} ({format})")
     return path
 
 

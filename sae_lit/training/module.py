@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import math
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 from sae_lit.common import acts_of
 from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
-from sae_lit.model.formats import export_sae
-from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
+from sae_lit.model.activations import LOADED_ONLY
+from sae_lit.model.formats import ExportFormat, export_sae
 from sae_lit.model.sae import SAEConfig, TopKSAE
+from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
 
 
 def default_lr(num_latents: int) -> float:
@@ -67,6 +69,9 @@ class SAEModule(L.LightningModule):
         else:
             self.sae = TopKSAE(SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae)
         cfg = self.sae.cfg
+        if cfg.activation in LOADED_ONLY:
+            raise ValueError("activation 'jumprelu' is for loaded SAEs (fixed per-latent thresholds); sae_lit does "
+                             "not train it: train 'batchtopk' (exported as a JumpReLU) instead")
         # save_hyperparameters reads the init arguments from this frame: saving the SAE's
         # config as a plain dict keeps hparams.yaml readable and lets a checkpoint rebuild the
         # SAE (an injected module is saved as its config + state dict).
@@ -84,6 +89,9 @@ class SAEModule(L.LightningModule):
         # ranks: every rank adds the global batch and resets on any rank's firing.
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        # How often each latent fired over all training tokens: the export's firing densities
+        # (SAELens's sparsity.safetensors).
+        self.register_buffer("fire_counts", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("fire_window", torch.zeros(n), persistent=False)
         self._window_tokens = 0
         self.val_nmse = NMSE(cfg.d_in)
@@ -203,6 +211,7 @@ class SAEModule(L.LightningModule):
         self.tokens_since_fired += batch_tokens * world
         self.tokens_since_fired[counts > 0] = 0
         self.tokens_seen += batch_tokens * world
+        self.fire_counts += counts.to(torch.int64)
         self.fire_window += counts
         self._window_tokens += batch_tokens * world
         every = self.hparams.histogram_every_n_steps
@@ -311,6 +320,22 @@ class SAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.export_metadata = checkpoint.get("sae_lit_export_metadata", {})
+        # Checkpoints from before the firing counts: start them at zero (no densities to export).
+        checkpoint.get("state_dict", {}).setdefault("fire_counts", torch.zeros_like(self.fire_counts))
+
+    def export_info(self) -> dict:
+        """What the export records beyond the data's metadata: this package's version, the
+        training tokens, and each latent's firing density over training (None before any)."""
+        tokens = int(self.tokens_seen)
+        density = (self.fire_counts.double() / tokens).float().cpu() if tokens else None
+        return {"metadata": {**self.export_metadata, "sae_lit_version": package_version(), "training_tokens": tokens},
+                "density": density}
+
+    def export(self, out: str | Path, format: ExportFormat = "saelens") -> Path:
+        """Write the SAE that validates (the EMA weights when kept) as ``format``."""
+        info = self.export_info()
+        return export_sae(self.eval_sae, out, metadata=info["metadata"], format=format,
+                          density=info["density"] if format == "saelens" else None)
 
     def on_validation_epoch_start(self) -> None:
         self.sae.release_buffers()
@@ -326,7 +351,7 @@ class SAEModule(L.LightningModule):
         if final:
             print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
 
-        out = export_sae(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
+        out = self.export(Path(root) / "sae")
         print(f"Exported SAE to {out}")
 
 
@@ -379,3 +404,10 @@ def _count(n: int) -> str:
 
 def _buffer_name(param_name: str) -> str:
     return "avg_" + param_name.replace(".", "_")
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("sae_lit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
