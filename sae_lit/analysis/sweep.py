@@ -151,6 +151,7 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
         "activation": sae.activation, "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in,
         "lr": model.lr, "l1_coeff": hp.l1_coeff, "multi_topk": sae.multi_topk, "tied_init": sae.tied_init,
         "auxk_alpha": hp.auxk_alpha, "b_dec_init": sae.b_dec_init, "dead_tokens": hp.dead_tokens,
+        "k_aux": model.sae.k_aux, "dead_adam_reset": hp.get("dead_adam_reset", False),
         "steps": trainer.global_step, "batch_size": batch, "tokens": tokens,
         "flops": 6.0 * sae.d_in * sae.num_latents * tokens, "train_seconds": round(train_seconds, 1),
         "train/dead_frac_end": dead_train,
