@@ -116,3 +116,15 @@ def acts_of(batch):
     elif isinstance(batch, (tuple, list)):
         batch = batch[0]
     return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
+
+
+def data_rank(trainer) -> tuple[int, int]:
+    """(rank, number) of the data-parallel share a process reads: its strategy's
+    ``distributed_sampler_kwargs`` (under latent parallelism the ranks of one replica read
+    the same batches), else the global rank and world size; (0, 1) without a trainer."""
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return int(trainer.global_rank), int(trainer.world_size)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sae_lit.common import data_rank
 from sae_lit.data import shards as sh
 from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
@@ -109,10 +110,7 @@ class ActivationDataModule(L.LightningDataModule):
         return self.manifest if self.manifest is not None else self._load_manifest()
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
+        return data_rank(self.trainer)
 
     def _shards(self, split: str) -> list[ShardRef]:
         root = Path(self.cache_config.cache_dir)

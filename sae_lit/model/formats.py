@@ -61,6 +61,20 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
                 f"{sae.activation} SAE has no inference threshold yet (it is estimated during training): train it first"
             )
         tensors["threshold"] = torch.full((sae.num_latents,), theta / s)
+    cfg = export_cfg(sae, metadata)
+    # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
+    # Weights first: cfg.json under its final name marks a complete folder.
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(out / CFG_NAME, cfg)
+    return out
+
+
+def export_cfg(sae, metadata: dict | None = None) -> dict:
+    """The cfg.json of an exported SAE (a TopKSAE, or a latent shard of one: it describes the
+    whole SAE either way)."""
+    s = float(sae.input_scale) if sae.normalize == "constant" else 1.0
+    arch = ARCHITECTURES[sae.activation]
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
     cfg = {
@@ -79,12 +93,7 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
     if sae.activation == "topk":
         cfg["k"] = sae.k
         cfg["rescale_acts_by_decoder_norm"] = False
-    # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
-    # Weights first: cfg.json under its final name marks a complete folder.
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
-    write_json_atomic(out / CFG_NAME, cfg)
-    return out
+    return cfg
 
 
 LOADABLE = {"topk": "topk", "standard": "relu", "gated": "gated", "jumprelu": "batchtopk", "prolu": "prolu"}

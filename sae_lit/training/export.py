@@ -1,29 +1,68 @@
 """A Lightning checkpoint of an SAEModule -> an SAE folder (sae_lit.model.formats).
 
     python -m sae_lit.training.export CKPT OUT_DIR
+
+CKPT is a .ckpt file, or the folder a LatentParallelStrategy run saves (one file per latent
+shard): that one is exported shard by shard, never holding the whole SAE.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from jsonargparse import CLI
 
 from sae_lit.model.formats import export_sae
+from sae_lit.model.sae import SAEConfig
+from sae_lit.model.sharded import LatentComm, ShardedTopKSAE
+from sae_lit.model.sharded_io import ShardedExport, export_rows
 from sae_lit.training.module import SAEModule
+from sae_lit.training.strategies import read_index
 
 
 def export_checkpoint(ckpt: str, out: str) -> Path:
     """Export the SAE of a Lightning checkpoint (its EMA weights when it keeps them).
 
     Args:
-        ckpt: Lightning checkpoint (.ckpt) of an SAEModule.
+        ckpt: Lightning checkpoint (.ckpt) of an SAEModule, or a latent-parallel checkpoint folder.
         out: output folder (SAELens layout).
     """
-    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
-    path = export_sae(module.eval_sae, out, metadata=module.export_metadata)
+    index = read_index(ckpt)
+    if index is not None:
+        path = export_sharded_checkpoint(ckpt, out, index)
+    else:
+        module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
+        path = export_sae(module.eval_sae, out, metadata=module.export_metadata)
     print(f"Exported {ckpt} -> {path}")
     return path
+
+
+def shard_module(checkpoint: dict) -> SAEModule:
+    """The SAEModule of one shard file of a latent-parallel checkpoint, on CPU, detached
+    from any process group (it can export its rows, not run)."""
+    hp = dict(checkpoint["hyper_parameters"])
+    place = checkpoint["latent_parallel"]
+    module = SAEModule(**{**hp, "defer_init": True})
+    cfg = SAEConfig.from_dict(hp["sae"])
+    module._attach(ShardedTopKSAE(cfg, LatentComm(None, place["shard"], place["num_shards"])))
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module
+
+
+def export_sharded_checkpoint(folder: str | Path, out: str | Path, index: dict) -> Path:
+    writer = None
+    for name in index["files"]:
+        checkpoint = torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+        module = shard_module(checkpoint)
+        sae = module.eval_sae
+        if writer is None:
+            writer = ShardedExport(sae, out, metadata=module.export_metadata)
+            b_dec = sae.b_dec.detach().clone()
+        writer.add(sae.lo, *export_rows(sae))
+        del checkpoint, module, sae
+    return writer.close(b_dec)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
