@@ -7,6 +7,7 @@ shard): that one is exported shard by shard, never holding the whole SAE.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -41,11 +42,13 @@ def export_checkpoint(ckpt: str, out: str) -> Path:
 def shard_module(checkpoint: dict) -> SAEModule:
     """The SAEModule of one shard file of a latent-parallel checkpoint, on CPU, detached
     from any process group (it can export its rows, not run)."""
-    hp = dict(checkpoint["hyper_parameters"])
+    names = inspect.signature(SAEModule).parameters  # the CLI adds keys of its own (_instantiator)
+    hp = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in names}
     place = checkpoint["latent_parallel"]
     module = SAEModule(**{**hp, "defer_init": True})
     cfg = SAEConfig.from_dict(hp["sae"])
     module._attach(ShardedTopKSAE(cfg, LatentComm(None, place["shard"], place["num_shards"])))
+    module.to(checkpoint["state_dict"]["sae.W_dec"].dtype)  # as trained: the EMA is divided in that dtype
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module
