@@ -81,12 +81,26 @@ class ActivationDataModule(L.LightningDataModule):
     # --- Lightning hooks ----------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build the cache if missing or incomplete. Lightning calls this on one process per node."""
-        if not cache_is_complete(self.cache_config, self._fingerprint):
+        """Build the cache if missing or incomplete. Lightning calls this on one process per node;
+        with several processes the build is spread over all of them in ``setup`` instead."""
+        if self._processes()[1] == 1 and not cache_is_complete(self.cache_config, self._fingerprint):
             build_cache(self.cache_config, progress=self.progress)
 
     def setup(self, stage: str | None = None) -> None:
+        rank, world = self._processes()
+        if world > 1 and not cache_is_complete(self.cache_config, self._fingerprint):
+            # Every rank runs the subject model on its shards (on its own device), rank 0 commits.
+            strategy = self.trainer.strategy
+            root = getattr(strategy, "root_device", None)
+            device = root if root is not None and root.type == "cuda" and self.cache_config.device in ("auto", "cuda") else None
+            build_cache(self.cache_config, progress=self.progress, rank=rank, world=world, barrier=strategy.barrier,
+                        device=device)
         self._load_manifest()
+
+    def _processes(self) -> tuple[int, int]:
+        """(global rank, world size) of the attached trainer: who builds which shards."""
+        trainer = self.trainer
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
 
     def _load_manifest(self) -> dict:
         cache_dir = self.cache_config.cache_dir
