@@ -5,8 +5,6 @@ compare selections, losses, gradients and whole training runs with TopKSAE in on
 The Lightning tests (slow) run SAEModule under LatentParallelStrategy: training, sharded
 checkpoints and resume, and the streamed export.
 """
-import json
-import math
 from pathlib import Path
 
 import pytest

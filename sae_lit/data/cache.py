@@ -115,6 +115,8 @@ class BuildResult:
 
 
 def missing_shards(cache_dir, manifest: dict) -> list[str]:
+    if sh.is_url(cache_dir):
+        return []  # not probed: a missing remote shard is named when it is read
     return [
         s["file"]
         for split in manifest.get("splits", {}).values()
@@ -150,6 +152,9 @@ def build_cache(
     rank runs the subject model."""
     if world > 1 and barrier is None:
         raise ValueError(f"build_cache over {world} ranks needs a barrier callable over all of them")
+    if sh.is_url(cfg.cache_dir):
+        raise sh.CacheError(f"cache_dir {cfg.cache_dir!r} is remote and holds no complete cache for this config: "
+                            "build the cache into a local folder, upload it, and point cache_dir at it")
     cache_dir = Path(cfg.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     corpus = cfg.corpus_obj()

@@ -8,9 +8,9 @@ with a stand-in trainer.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import multiprocessing
-from pathlib import Path
 from typing import Iterator
 
 import lightning as L
@@ -127,9 +127,9 @@ class ActivationDataModule(L.LightningDataModule):
         return data_rank(self.trainer)
 
     def _shards(self, split: str) -> list[ShardRef]:
-        root = Path(self.cache_config.cache_dir)
+        root = self.cache_config.cache_dir
         return [
-            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
+            ShardRef(sh.join(root, s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
             for s in self.ensure_manifest()["splits"][split]["shards"]
         ]
 
@@ -216,8 +216,8 @@ class ActivationDataModule(L.LightningDataModule):
         all train shards."""
         manifest = self.ensure_manifest()
         if n <= manifest["sample"]["tokens"]:
-            sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
-            return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
+            sample = sh.read_bytes(sh.join(self.cache_config.cache_dir, manifest["sample"]["file"]))
+            return sh.decode_acts(np.load(io.BytesIO(sample), allow_pickle=False)[:n], manifest["dtype"])
         rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"))
         available = manifest["splits"]["train"]["blocks"] * (self.cache_config.context_length - 1)
         stride = max(1, available // n)

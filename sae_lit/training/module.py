@@ -17,7 +17,7 @@ from sae_lit.common import acts_of
 from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
 from sae_lit.model.formats import export_sae
-from sae_lit.model.sharded import LatentComm, ShardedTopKSAE
+from sae_lit.model.sharded import ShardedTopKSAE
 from sae_lit.model.sharded_io import export_sharded
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
 from sae_lit.model.sae import SAEConfig, TopKSAE
