@@ -13,12 +13,13 @@ Bytes per device (fp32 weights, as SAEModule trains them; n_s = n / shards laten
   counters     tokens since fired (int64) + firing window + val firing    12 n_s + 8 n
   activations  at the step's peak: the encoder output [B, n_s] (the one dense tensor;
                bf16 under bf16-mixed on GPU), the gathered top-k and AuxK candidates
-               [B, shards (k_sel + k_aux)] (value, int64 id), AuxK's dense [B, <= 8 k_aux / shards]
+               [B, shards c] (value, int64 id; c per shard from sharded_topk's first round,
+               about 4 k / shards + 4 and 2 k_aux / shards + 4), AuxK's dense [B, <= 8 k_aux / shards]
                block, about ten [B, d] tensors (input, centred input, reconstructions,
                errors) and the selections [B, k_sel] (value, id, local row, local value)
 Bytes sent per device per step (ring collectives: an all-reduce of S bytes over G ranks sends
 2 S (G - 1) / G, an all-gather of s bytes each sends s (G - 1)):
-  over shards    top-k and AuxK candidates (all-gather), partial reconstructions [B, d] x
+  over shards    top-k and AuxK candidates (all-gather, first round), partial reconstructions [B, d] x
                  (1 + multi + aux) (all-reduce forward), b_dec's encoder gradient [d] (backward)
   over replicas  every local gradient (all-reduce, as DDP), firing counts [n_s]
 """
@@ -31,6 +32,8 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from sae_lit.model.sharded import AUX_CAPACITY, CAPACITY, first_round
 
 H200 = 141e9  # bytes of HBM3e on one H200
 
@@ -49,6 +52,14 @@ class Shape:
     pre_bytes: int = 4  # the encoder output's element size: 4 fp32, 2 under bf16-mixed on GPU
 
 
+def _first_rounds(s: Shape, k_sel: int, k_aux: int) -> int:
+    """Candidates per token a shard sends (sharded_topk's first round; the second, for the
+    rare tokens whose top k crowds one shard, is left out)."""
+    if s.shards == 1:
+        return k_sel + k_aux
+    return first_round(k_sel, s.shards, CAPACITY) + first_round(k_aux, s.shards, AUX_CAPACITY)
+
+
 def memory(s: Shape) -> dict[str, float]:
     """Bytes per device, by kind (see the module docstring)."""
     n_s = s.n / s.shards
@@ -62,7 +73,7 @@ def memory(s: Shape) -> dict[str, float]:
         "ema": 8 * per_param if s.ema else 0.0,
         "counters": 12 * n_s + 8 * s.n,
     }
-    candidates = 12 * s.batch * s.shards * (k_sel + k_aux) if s.shards > 1 else 12 * s.batch * (k_sel + k_aux)
+    candidates = 12 * s.batch * s.shards * _first_rounds(s, k_sel, k_aux)
     aux_block = 4 * s.batch * min(n_s, 8 * math.ceil(k_aux / s.shards))
     out["activations"] = s.pre_bytes * s.batch * n_s + candidates + aux_block + 40 * s.batch * s.d + 24 * s.batch * k_sel
     out["total"] = sum(out.values())
@@ -77,7 +88,7 @@ def communication(s: Shape) -> dict[str, float]:
     out = {"shards": 0.0, "replicas": 0.0}
     P, R = s.shards, s.replicas
     if P > 1:
-        gather = 12 * s.batch * (k_sel + k_aux) * (P - 1)
+        gather = 12 * s.batch * _first_rounds(s, k_sel, k_aux) * (P - 1)
         recon = 4 * s.batch * s.d * (2 + s.multi_topk) * 2 * (P - 1) / P
         out["shards"] = gather + recon + 4 * s.d * 2 * (P - 1) / P
     if R > 1:

@@ -129,6 +129,27 @@ def test_sharded_topk_keeps_exactly_k_under_ties():
     spawn(_ties_worker, 2)
 
 
+def test_sharded_topk_second_round_is_exact():
+    """A small first round (capacity 0.5): tokens whose top k sits mostly on one shard need the
+    second round; every token's answer is still the top k of the whole row."""
+    spawn(_rounds_worker, 2)
+
+
+def _rounds_worker(rank, world):
+    comm = LatentComm.of(dist.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(64, 200, generator=g, dtype=torch.float64)
+    full[:20, :100] += 5.0  # the first 20 tokens' top k all on shard 0
+    mine = full[:, rank * 100 : (rank + 1) * 100]
+    for k, cols in ((16, None), (16, torch.arange(0, 100, 3)), (40, None)):
+        v, i = sharded_topk(mine, k, comm, torch.arange(rank * 100, rank * 100 + 100), cols=cols, capacity=0.5)
+        ref = full if cols is None else full[:, torch.cat([cols, cols + 100])]
+        want_v, want_at = ref.topk(k, dim=1)
+        want_i = want_at if cols is None else torch.cat([cols, cols + 100])[want_at]
+        assert torch.equal(v, want_v)
+        assert torch.equal(i.sort(1).values, want_i.sort(1).values)
+
+
 def _ties_worker(rank, world):
     comm = LatentComm.of(dist.group.WORLD)
     src = torch.zeros(3, 8, dtype=torch.float64)

@@ -5,10 +5,10 @@ rows (and, in the training module, their dead counters and Adam moments). b_dec 
 paper's b_pre) and the normalisation constant are replicated. A training step:
 
 1. the encoder GEMM over the local rows only: [B, n/P] pre-activations;
-2. a sharded top-k: each shard's local top-k candidates (value, global id) are all-gathered
-   and every shard takes the same top k of the P k candidates. That is exactly the top k of
-   the whole row (the global top k has at most k entries on any shard), and exactly k
-   entries even with ties, unlike keeping every local value at or above the global k-th;
+2. a sharded top-k: each shard's local top candidates (value, global id) are all-gathered
+   and every shard takes the same top k of them, in two rounds (``sharded_topk``): exactly
+   the top k of the whole row, and exactly k entries even with ties, unlike keeping every
+   local value at or above the global k-th;
 3. AuxK's top-k_aux over the dead latents the same way, after this batch's firings are taken
    out of the dead set (as sae.TopKSAE does);
 4. each shard decodes its own selected latents; the partial reconstructions are all-reduced
@@ -78,14 +78,32 @@ class LatentComm:
         return torch.stack(parts)
 
 
+# Candidates a shard sends in the first round of the sharded top-k: its top ceil(c k / P) + 4
+# (the reference code's capacity c, plus slack), not k. A token's top k rarely has more than
+# that many on one shard; when it might, the second round settles it exactly.
+CAPACITY, AUX_CAPACITY, SLACK = 4.0, 2.0, 4
+
+
+def first_round(k: int, shards: int, capacity: float) -> int:
+    return min(k, math.ceil(max(capacity, 1.0) * k / shards) + SLACK)  # P c >= k: a top k exists
+
+
 def sharded_topk(src: Tensor, k: int, comm: LatentComm, ids: Tensor, cols: Tensor | None = None,
-                 bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 bias: Tensor | None = None, capacity: float = CAPACITY) -> tuple[Tensor, Tensor]:
     """The top k of the row-wise union over shards of ``src + bias`` (columns ``cols`` only,
     if given): (values [B, k] sorted descending, global ids [B, k]) - the same on every shard.
 
-    ``ids`` [src.shape[1]] are the global ids of src's columns. Each shard contributes its own
-    top min(k, columns) (k at most land on one shard), padded to k with -inf, so every shard
-    sends the same shape. Callers ask for at most as many as exist over all shards."""
+    ``ids`` [src.shape[1]] are the global ids of src's columns. Callers ask for at most as
+    many as exist over all shards.
+
+    Round 1: every shard sends its top c = first_round(k, P, capacity) candidates (value,
+    global id) and all take the top k of the P c gathered, with k-th value t. A shard whose
+    c-th candidate is below t sent everything it has at or above t, so if that holds on every
+    shard the answer is exact. Round 2, only for the tokens where some shard's c-th candidate
+    reaches t: every shard sends its top k for those tokens (the top k has at most k entries
+    on one shard), and their answer is recomputed. Exactly k entries even with ties, unlike
+    keeping every local value at or above the k-th.
+    """
     n_cols = src.shape[1] if cols is None else cols.numel()
     kk = min(k, n_cols)
     B = src.shape[0]
@@ -94,19 +112,33 @@ def sharded_topk(src: Tensor, k: int, comm: LatentComm, ids: Tensor, cols: Tenso
                         device=src.device)
         gid = torch.empty(B, 0, dtype=torch.int64, device=src.device)
     elif cols is None:
-        v, pos = native.topk(src, kk, bias=bias)
+        v, pos = native.topk(src, kk, bias=bias)  # sorted
         gid = ids[pos]
     else:
         _, v, pos = native.aux_select(src, cols, kk, dense=False, bias=bias)
-        gid = ids[cols[pos]]
-    if comm.size == 1:
-        if cols is None:
-            return v, gid  # native.topk sorts already
         v, order = v.sort(dim=1, descending=True)
-        return v, gid.gather(1, order)
-    if kk < k:
-        v = torch.cat([v, v.new_full((B, k - kk), -math.inf)], 1)
-        gid = torch.cat([gid, gid.new_full((B, k - kk), -1)], 1)  # id -1: on no shard
+        gid = ids[cols[pos.gather(1, order)]]
+    if comm.size == 1:
+        return v, gid
+    c = first_round(k, comm.size, capacity)
+    top_v, top_id = _gathered_topk(v[:, :c], gid[:, :c], c, k, comm)
+    if c == k:
+        return top_v, top_id
+    unsure = (v[:, c - 1] >= top_v[:, k - 1]).to(torch.int32) if kk > c else torch.zeros(B, dtype=torch.int32,
+                                                                                       device=v.device)
+    comm.all_reduce_([unsure], op=dist.ReduceOp.MAX)
+    rows = unsure.nonzero().squeeze(1)
+    if rows.numel():
+        top_v[rows], top_id[rows] = _gathered_topk(v[rows], gid[rows], k, k, comm)
+    return top_v, top_id
+
+
+def _gathered_topk(v: Tensor, gid: Tensor, width: int, k: int, comm: LatentComm) -> tuple[Tensor, Tensor]:
+    """Top k of every shard's candidates (padded to ``width`` with -inf, id -1: on no shard)."""
+    B, have = v.shape
+    if have < width:
+        v = torch.cat([v, v.new_full((B, width - have), -math.inf)], 1)
+        gid = torch.cat([gid, gid.new_full((B, width - have), -1)], 1)
     all_v = comm.all_gather(v).permute(1, 0, 2).reshape(B, -1)
     all_id = comm.all_gather(gid).permute(1, 0, 2).reshape(B, -1)
     top_v, at = all_v.topk(k, dim=1)  # the same inputs on every shard: the same choice
@@ -276,9 +308,9 @@ class ShardedTopKSAE(nn.Module):
         if self.auxk_bf16:
             # As TopKSAE: a bf16 GEMM over the dead rows, whose columns are those rows.
             src = torch.addmm(self.b_enc[dead_rows].bfloat16(), x_c.bfloat16(), self.W_enc[dead_rows].bfloat16().t())
-            aux_v, aux_i = sharded_topk(src, k_aux, self.comm, ids[dead_rows])
+            aux_v, aux_i = sharded_topk(src, k_aux, self.comm, ids[dead_rows], capacity=AUX_CAPACITY)
         else:
-            aux_v, aux_i = sharded_topk(pre, k_aux, self.comm, ids, cols=dead_rows, bias=bias)
+            aux_v, aux_i = sharded_topk(pre, k_aux, self.comm, ids, cols=dead_rows, bias=bias, capacity=AUX_CAPACITY)
         del pre
         # Position of each local latent in dead_rows, for the kernel's AuxK inputs.
         where = torch.zeros(self.num_local, dtype=torch.int64, device=dead_rows.device)
