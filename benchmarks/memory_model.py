@@ -4,6 +4,7 @@ latents split over shards (sae_lit.model.sharded) and data parallel over replica
     python benchmarks/memory_model.py --d 4096 --n 16777216 --k 32 --batch 4096 --replicas 4 --shards 64
     python benchmarks/memory_model.py --table          # the README's table: largest n per H200
     python benchmarks/memory_model.py --measure        # the model against peak RSS on CPU
+    python benchmarks/memory_model.py --measure-cuda   # ... against peak CUDA memory (one GPU)
 
 Bytes per device (fp32 weights, as SAEModule trains them; n_s = n / shards latents):
   parameters   W_enc, W_dec [n_s, d], b_enc [n_s], b_dec [d]             4 (2 n_s d + n_s + d)
@@ -13,10 +14,12 @@ Bytes per device (fp32 weights, as SAEModule trains them; n_s = n / shards laten
   counters     tokens since fired (int64) + firing window + val firing    12 n_s + 8 n
   activations  at the step's peak: the encoder output [B, n_s] (the one dense tensor;
                bf16 under bf16-mixed on GPU), the gathered top-k and AuxK candidates
-               [B, shards c] (value, int64 id; c per shard from sharded_topk's first round,
+               [B, shards c] (value, int64 id; three buffers: the all-gather's parts, their
+               stack and its token-major copy; c per shard from sharded_topk's first round,
                about 4 k / shards + 4 and 2 k_aux / shards + 4), AuxK's dense [B, <= 8 k_aux / shards]
-               block, about ten [B, d] tensors (input, centred input, reconstructions,
-               errors) and the selections [B, k_sel] (value, id, local row, local value)
+               block, one [n_s, d] weight gradient in backward (AuxK's, before it is added),
+               about ten [B, d] tensors (input, centred input, reconstructions, errors) and
+               the selections [B, k_sel] (value, id, local row, local value)
 Bytes sent per device per step (ring collectives: an all-reduce of S bytes over G ranks sends
 2 S (G - 1) / G, an all-gather of s bytes each sends s (G - 1)):
   over shards    top-k and AuxK candidates (all-gather, first round), partial reconstructions [B, d] x
@@ -73,9 +76,12 @@ def memory(s: Shape) -> dict[str, float]:
         "ema": 8 * per_param if s.ema else 0.0,
         "counters": 12 * n_s + 8 * s.n,
     }
-    candidates = 12 * s.batch * s.shards * _first_rounds(s, k_sel, k_aux)
+    # The all-gather's parts, their stack and its token-major copy: three buffers.
+    candidates = 3 * 12 * s.batch * s.shards * _first_rounds(s, k_sel, k_aux)
     aux_block = 4 * s.batch * min(n_s, 8 * math.ceil(k_aux / s.shards))
-    out["activations"] = s.pre_bytes * s.batch * n_s + candidates + aux_block + 40 * s.batch * s.d + 24 * s.batch * k_sel
+    backward = 4 * n_s * s.d  # AuxK's sparse weight gradient, before it is added into the main one
+    out["activations"] = (s.pre_bytes * s.batch * n_s + candidates + aux_block + backward + 40 * s.batch * s.d
+                          + 24 * s.batch * k_sel)
     out["total"] = sum(out.values())
     return out
 
@@ -195,7 +201,7 @@ def _measure_one(d: int, n: int, batch: int, shards: int, rank: int, steps: int 
     dead[: n_s // 4] = True
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     for _ in range(steps):
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # gradients freed between steps, as Lightning does
         out = sae(x, dead_mask=dead)
         (out.nmse + out.auxk_loss / 32).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -246,6 +252,42 @@ def measure(shapes: list[tuple[int, int, int, int]]) -> None:
         print(f"| {d}, {n}, {batch}, {shards} | {fmt_bytes(want)} | {fmt_bytes(got)} | {got / want:.2f} |", flush=True)
 
 
+def measure_cuda(shapes: list[tuple[int, int, int]]) -> None:
+    """One GPU, one process, bf16-mixed: peak allocated bytes of the training step against the
+    model (pre_bytes = 2), as benchmarks/gpu_check.sh prints it."""
+    import torch
+
+    from sae_lit.model.sae import SAEConfig, TopKSAE
+
+    print("| d, n, B (cuda, bf16-mixed) | model | measured peak allocated | measured / model |")
+    print("|---|---|---|---|")
+    for d, n, batch in shapes:
+        torch.cuda.empty_cache()
+        x = torch.randn(batch, d, device="cuda") * 3 + 1
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        sae = TopKSAE(SAEConfig(d_in=d, num_latents=n, k=32, k_aux=512)).cuda()
+        sae.init_from_data(x[:4096])
+        dead = torch.zeros(n, dtype=torch.bool, device="cuda")
+        dead[: n // 4] = True
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = sae(x, dead_mask=dead)
+                loss = out.nmse + out.auxk_loss / 32
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            sae.set_decoder_norm_to_unit_norm()
+        torch.cuda.synchronize()
+        got = torch.cuda.max_memory_allocated() - before
+        model = memory(Shape(d=d, n=n, batch=batch, pre_bytes=2))
+        want = model["total"] - model["counters"]
+        print(f"| {d}, {n}, {batch} | {fmt_bytes(want)} | {fmt_bytes(got)} | {got / want:.2f} |", flush=True)
+        del sae, opt, out, loss, x
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("d", 768), ("n", 1 << 15), ("k", 32), ("batch", 4096), ("replicas", 1), ("shards", 1),
@@ -256,9 +298,12 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 encoder output (bf16-mixed on GPU)")
     p.add_argument("--table", action="store_true", help="the README's H200 table")
     p.add_argument("--measure", action="store_true", help="the model against peak RSS on CPU at small shapes")
+    p.add_argument("--measure-cuda", action="store_true", help="the model against peak CUDA memory (one GPU)")
     a = p.parse_args()
     if a.table:
         print_table()
+    elif a.measure_cuda:
+        measure_cuda([(768, 262144, 4096), (768, 32768, 131072), (4096, 131072, 4096)])
     elif a.measure:
         measure([(256, 16384, 2048, 1), (256, 16384, 2048, 2), (512, 65536, 1024, 1), (512, 65536, 1024, 2),
                  (768, 32768, 4096, 2)])
