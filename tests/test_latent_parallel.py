@@ -123,19 +123,15 @@ def test_sharded_step_matches_one_process_in_every_case():
     spawn(_step_worker, 2)
 
 
-def test_sharded_topk_keeps_exactly_k_under_ties():
-    """Ties at the k-th value across shards (the reference's "keep >= the k-th" would keep
-    them all): exactly k entries, the same on every shard."""
-    spawn(_ties_worker, 2)
-
-
-def test_sharded_topk_second_round_is_exact():
+def test_sharded_topk_is_exact_in_both_rounds_and_under_ties():
     """A small first round (capacity 0.5): tokens whose top k sits mostly on one shard need the
-    second round; every token's answer is still the top k of the whole row."""
-    spawn(_rounds_worker, 2)
+    second round; every token's answer is still the top k of the whole row. Ties at the k-th
+    value across shards (the reference's "keep >= the k-th" would keep them all): exactly k
+    entries, the same on every shard."""
+    spawn(_topk_worker, 2)
 
 
-def _rounds_worker(rank, world):
+def _topk_worker(rank, world):
     comm = LatentComm.of(dist.group.WORLD)
     g = torch.Generator().manual_seed(0)
     full = torch.randn(64, 200, generator=g, dtype=torch.float64)
@@ -148,14 +144,9 @@ def _rounds_worker(rank, world):
         want_i = want_at if cols is None else torch.cat([cols, cols + 100])[want_at]
         assert torch.equal(v, want_v)
         assert torch.equal(i.sort(1).values, want_i.sort(1).values)
-
-
-def _ties_worker(rank, world):
-    comm = LatentComm.of(dist.group.WORLD)
     src = torch.zeros(3, 8, dtype=torch.float64)
     src[:, rank] = 1.0  # one 1.0 per shard, the rest ties at 0
-    ids = torch.arange(rank * 8, rank * 8 + 8)
-    v, i = sharded_topk(src, 4, comm, ids)
+    v, i = sharded_topk(src, 4, comm, torch.arange(rank * 8, rank * 8 + 8))
     assert v.shape == (3, 4) and (v[:, :2] == 1).all() and (v[:, 2:] == 0).all()
     gathered = comm.all_gather(i)
     assert torch.equal(gathered[0], gathered[1])
