@@ -202,7 +202,8 @@ def build_cache(
     if barrier is not None:
         barrier()
         manifest = sh.read_manifest(cache_dir)
-    log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
+    log.info("activation cache complete: %s (%.0f tokens/s%s)", cache_dir, computed / max(seconds, 1e-9),
+             f" on rank {rank} of {world}" if world > 1 else "")
     return BuildResult(manifest, seconds, computed)
 
 
