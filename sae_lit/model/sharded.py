@@ -171,7 +171,9 @@ class ShardedTopKSAE(nn.Module):
     init_from_data = TopKSAE.init_from_data
 
     def __init__(self, cfg: SAEConfig, comm: LatentComm, device: torch.device | str | None = None,
-                 _rows: tuple[Tensor, Tensor] | None = None):
+                 rows: tuple[Tensor, Tensor] | None = None):
+        """This shard of ``TopKSAE(cfg)``; ``rows`` = (W_dec, W_enc) [num_latents / shards, d_in]
+        to take instead of drawing the init (e.g. empty ones, to load a state dict into)."""
         super().__init__()
         if cfg.d_in <= 0:
             raise ValueError(f"d_in must be positive, got {cfg.d_in}")
@@ -187,7 +189,7 @@ class ShardedTopKSAE(nn.Module):
         self.lo = comm.rank * self.num_local
         self.hi = self.lo + self.num_local
         # Drawn straight to ``device`` chunk by chunk: the host never holds the shard either.
-        W_dec, W_enc = _rows if _rows is not None else init_rows(cfg, self.lo, self.hi, device)
+        W_dec, W_enc = rows if rows is not None else init_rows(cfg, self.lo, self.hi, device)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_enc)
         like = dict(dtype=W_dec.dtype, device=W_dec.device)
@@ -204,7 +206,7 @@ class ShardedTopKSAE(nn.Module):
         """This shard's slice of a whole SAE (weights, biases, scale, init flag)."""
         n_local = sae.num_latents // comm.size
         lo, hi = comm.rank * n_local, (comm.rank + 1) * n_local
-        out = cls(sae.cfg, comm, _rows=(sae.W_dec[lo:hi].detach().clone(), sae.W_enc[lo:hi].detach().clone()))
+        out = cls(sae.cfg, comm, rows=(sae.W_dec[lo:hi].detach().clone(), sae.W_enc[lo:hi].detach().clone()))
         out.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)  # the float buffers too (input_scale)
         out.b_enc.copy_(sae.b_enc[lo:hi])
         out.b_dec.copy_(sae.b_dec)

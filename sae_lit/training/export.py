@@ -47,7 +47,9 @@ def shard_module(checkpoint: dict) -> SAEModule:
     place = checkpoint["latent_parallel"]
     module = SAEModule(**{**hp, "defer_init": True})
     cfg = SAEConfig.from_dict(hp["sae"])
-    module._attach(ShardedTopKSAE(cfg, LatentComm(None, place["shard"], place["num_shards"])))
+    n_local = cfg.num_latents // place["num_shards"]
+    rows = (torch.empty(n_local, cfg.d_in), torch.empty(n_local, cfg.d_in))  # filled by the state dict
+    module._attach(ShardedTopKSAE(cfg, LatentComm(None, place["shard"], place["num_shards"]), rows=rows))
     module.to(checkpoint["state_dict"]["sae.W_dec"].dtype)  # as trained: the EMA is divided in that dtype
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
