@@ -140,3 +140,15 @@ def bf16_speedup(m: int, k: int, n: int, reps: int = 3) -> float:
             times.append(time.perf_counter() - t)
         best[dtype] = min(times)
     return best[torch.float32] / max(best[torch.bfloat16], 1e-12)
+
+
+def data_rank(trainer) -> tuple[int, int]:
+    """(rank, number) of the data-parallel share a process reads: its strategy's
+    ``distributed_sampler_kwargs`` (under latent parallelism the ranks of one replica read
+    the same batches), else the global rank and world size; (0, 1) without a trainer."""
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return int(trainer.global_rank), int(trainer.world_size)

@@ -34,7 +34,6 @@ def _key(r: dict) -> tuple:
 def paired_ablations(rows: list[dict]) -> list[dict]:
     """Each ablation run at k = 8 with AuxK on, next to its AuxK-off twin where one was run
     (same everything but alpha = 0)."""
-    by_key = {_key(r): r for r in rows}
     out = []
     for r in rows:
         if int(r["k"]) != 8 or float(r["auxk_alpha"]) == 0 or not bool(r["tied_init"]):

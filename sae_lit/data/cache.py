@@ -7,6 +7,13 @@ The build is deterministic (document order, packing, block numbering depend only
 config), so an interrupted build resumes at shard granularity: shards already on disk are
 skipped (their text is re-tokenised, which is cheap, but not re-run through the model) and the
 result is identical to an uninterrupted build.
+
+Spread over ranks (``torchrun --nproc-per-node N -m sae_lit.data.cache ...``, or the data
+module under a multi-process Trainer): every rank packs the whole text (cheap) and runs the
+subject model on the shards it owns, shard i of the build going to rank i mod N; rank 0 then
+reads the statistics back and commits the one manifest. The shards and the manifest are
+those of a one-rank build, and an interrupted build resumes the same way. cache_dir must be
+storage every rank sees.
 """
 from __future__ import annotations
 
@@ -127,6 +134,8 @@ class BuildResult:
 
 
 def missing_shards(cache_dir, manifest: dict) -> list[str]:
+    if sh.is_url(cache_dir):
+        return []  # not probed: a missing remote shard is named when it is read
     return [
         s["file"]
         for split in manifest.get("splits", {}).values()
@@ -149,9 +158,22 @@ def build_cache(
     progress: bool = True,
     subject: tuple | None = None,
     on_shard: Callable[[str], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> BuildResult:
     """Build (or finish) the cache for `cfg`. `subject` = (model, tokenizer) already loaded, for
-    benchmarks; `on_shard(path)` is called after each shard lands (tests interrupt from it)."""
+    benchmarks; `on_shard(path)` is called after each shard lands (tests interrupt from it).
+
+    Spread over `world` ranks: every rank calls this with its `rank` and a `barrier` over all
+    of them (e.g. torch.distributed.barrier); `device` (default cfg.device) is where this
+    rank runs the subject model."""
+    if world > 1 and barrier is None:
+        raise ValueError(f"build_cache over {world} ranks needs a barrier callable over all of them")
+    if sh.is_url(cfg.cache_dir):
+        raise sh.CacheError(f"cache_dir {cfg.cache_dir!r} is remote and holds no complete cache for this config: "
+                            "build the cache into a local folder, upload it, and point cache_dir at it")
     cache_dir = Path(cfg.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     corpus = cfg.corpus_obj()
@@ -161,16 +183,20 @@ def build_cache(
         sh.check_manifest(manifest, expected, cache_dir)
         if manifest.get("complete") and not missing_shards(cache_dir, manifest):
             return BuildResult(manifest, 0.0, 0)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device if device is None else str(device))
     if subject is not None:
         dtype = str(next(subject[0].parameters()).dtype).removeprefix("torch.")
     elif manifest is not None and manifest.get("subject_dtype"):
         dtype = manifest["subject_dtype"]  # a resumed build goes on as it started (auto included)
     else:
         dtype = resolve_subject_dtype(cfg.subject_dtype, device, hookpoint_info(cfg.model, cfg.hookpoint)[1])
+    if rank == 0:
+        # Recorded before any shard, so a resumed build is checked against the config it started with.
+        write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "subject_dtype": dtype, "complete": False})
+    if barrier is not None:
+        barrier()
+        dtype = sh.read_manifest(cache_dir)["subject_dtype"]  # "auto" measured once, by rank 0
     expected = {**expected, "subject_dtype": dtype}
-    # Recorded before any shard, so a resumed build is checked against the config it started with.
-    write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
 
     if subject is None:
         subject = (load_model(cfg.model, device, dtype), load_tokenizer(cfg.model))
@@ -181,19 +207,30 @@ def build_cache(
     targets = {"train": cfg.train_tokens // cfg.context_length, "val": cfg.val_tokens // cfg.context_length}
     if min(targets.values()) < 1:
         raise ValueError(f"train_tokens and val_tokens must each be at least context_length ({cfg.context_length}).")
-    bar = _progress_bar(sum(targets.values()) * cfg.context_length, progress)
-    start, computed, splits = time.perf_counter(), 0, {}
+    bar = _progress_bar(sum(targets.values()) * cfg.context_length // world, progress and rank == 0)
+    start, computed, splits, first_shard = time.perf_counter(), 0, {}, 0
     try:
         for split in ("train", "val"):
-            splits[split], n = _write_split(cfg, split, targets[split], corpus, tokenizer, forward, device, bar, on_shard)
+            # Shard i of the whole build (train first) is rank i mod world's.
+            owns = lambda i, base=first_shard: (base + i) % world == rank  # noqa: E731
+            splits[split], n = _write_split(cfg, split, targets[split], corpus, tokenizer, forward, device, bar,
+                                            on_shard, owns)
             computed += n
+            first_shard += len(splits[split]["shards"])
     finally:
         bar.close()
     seconds = time.perf_counter() - start
 
-    manifest = _finalize(cfg, expected, splits, tokenizer, forward)
-    write_json_atomic(cache_dir / sh.MANIFEST, manifest)
-    log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
+    if barrier is not None:
+        barrier()  # every rank's shards are on disk
+    if rank == 0:
+        manifest = _finalize(cfg, expected, splits, tokenizer, forward)
+        write_json_atomic(cache_dir / sh.MANIFEST, manifest)
+    if barrier is not None:
+        barrier()
+        manifest = sh.read_manifest(cache_dir)
+    log.info("activation cache complete: %s (%.0f tokens/s%s)", cache_dir, computed / max(seconds, 1e-9),
+             f" on rank {rank} of {world}" if world > 1 else "")
     return BuildResult(manifest, seconds, computed)
 
 
@@ -203,7 +240,7 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="tok", unit_scale=True, desc="caching activations", disable=not enabled, smoothing=0.1)
 
 
-def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, on_shard) -> tuple[dict, int]:
+def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, on_shard, owns=None) -> tuple[dict, int]:
     T, bps = cfg.context_length, cfg.blocks_per_shard
     contexts = itertools.islice(pack_contexts(corpus.documents(split), tokenizer, T), n_blocks)
     shards, computed, first = [], 0, 0
@@ -212,7 +249,9 @@ def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, 
         if not batch:
             break
         path = Path(cfg.cache_dir) / sh.shard_name(split, index)
-        if not path.exists():
+        if owns is not None and not owns(index):
+            pass  # another rank's
+        elif not path.exists():
             _write_shard(path, split, first, batch, forward, device, cfg, bar)
             computed += len(batch) * T
             if on_shard is not None:
@@ -354,7 +393,10 @@ def main(argv: Sequence[str] | None = None) -> BuildResult:
         args = parser.parse_args(argv)
     cfg = CacheConfig(**{f.name: args[f.name] for f in dataclasses.fields(CacheConfig)})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = build_cache(cfg, progress=not args.quiet)
+    rank, world, barrier, device = _launched_ranks(cfg)
+    result = build_cache(cfg, progress=not args.quiet, rank=rank, world=world, barrier=barrier, device=device)
+    if rank != 0:
+        return result
     m = result.manifest
     print(
         f"{cfg.cache_dir}: {m['train_tokens']} train + {m['val_tokens']} val tokens, d_in {m['d_in']}, "
@@ -362,6 +404,25 @@ def main(argv: Sequence[str] | None = None) -> BuildResult:
         + (f", {result.tokens_per_second:.0f} tokens/s" if result.tokens_computed else " (already complete)")
     )
     return result
+
+
+def _launched_ranks(cfg: CacheConfig):
+    """(rank, world, barrier, device) when started by torchrun (or any launcher that sets
+    RANK / WORLD_SIZE / LOCAL_RANK): a gloo group for the barriers, and on GPUs this rank's own
+    GPU for the subject model. One process otherwise."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None, None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    device = None
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, device
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ with a stand-in trainer.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import multiprocessing
-from pathlib import Path
 from typing import Iterator
 
 import lightning as L
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sae_lit.common import data_rank
 from sae_lit.data import shards as sh
 from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
@@ -81,12 +82,26 @@ class ActivationDataModule(L.LightningDataModule):
     # --- Lightning hooks ----------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build the cache if missing or incomplete. Lightning calls this on one process per node."""
-        if not cache_is_complete(self.cache_config, self._fingerprint):
+        """Build the cache if missing or incomplete. Lightning calls this on one process per node;
+        with several processes the build is spread over all of them in ``setup`` instead."""
+        if self._processes()[1] == 1 and not cache_is_complete(self.cache_config, self._fingerprint):
             build_cache(self.cache_config, progress=self.progress)
 
     def setup(self, stage: str | None = None) -> None:
+        rank, world = self._processes()
+        if world > 1 and not cache_is_complete(self.cache_config, self._fingerprint):
+            # Every rank runs the subject model on its shards (on its own device), rank 0 commits.
+            strategy = self.trainer.strategy
+            root = getattr(strategy, "root_device", None)
+            device = root if root is not None and root.type == "cuda" and self.cache_config.device in ("auto", "cuda") else None
+            build_cache(self.cache_config, progress=self.progress, rank=rank, world=world, barrier=strategy.barrier,
+                        device=device)
         self._load_manifest()
+
+    def _processes(self) -> tuple[int, int]:
+        """(global rank, world size) of the attached trainer: who builds which shards."""
+        trainer = self.trainer
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
 
     def _load_manifest(self) -> dict:
         cache_dir = self.cache_config.cache_dir
@@ -110,15 +125,12 @@ class ActivationDataModule(L.LightningDataModule):
         return self.manifest if self.manifest is not None else self._load_manifest()
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
+        return data_rank(self.trainer)
 
     def _shards(self, split: str) -> list[ShardRef]:
-        root = Path(self.cache_config.cache_dir)
+        root = self.cache_config.cache_dir
         return [
-            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
+            ShardRef(sh.join(root, s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
             for s in self.ensure_manifest()["splits"][split]["shards"]
         ]
 
@@ -205,8 +217,8 @@ class ActivationDataModule(L.LightningDataModule):
         all train shards."""
         manifest = self.ensure_manifest()
         if n <= manifest["sample"]["tokens"]:
-            sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
-            return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
+            sample = sh.read_bytes(sh.join(self.cache_config.cache_dir, manifest["sample"]["file"]))
+            return sh.decode_acts(np.load(io.BytesIO(sample), allow_pickle=False)[:n], manifest["dtype"])
         rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"))
         available = manifest["splits"]["train"]["blocks"] * (self.cache_config.context_length - 1)
         stride = max(1, available // n)

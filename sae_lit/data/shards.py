@@ -72,7 +72,42 @@ def block_index(key: str) -> int:
 # --- manifest ---------------------------------------------------------------------------------
 
 
+def is_url(location: str | os.PathLike) -> bool:
+    """Remote storage (http(s)://, s3://, gs://, ... or a pipe: command) rather than a local path."""
+    return isinstance(location, str) and ("://" in location or location.startswith("pipe:"))
+
+
+def join(cache_dir: str | os.PathLike, name: str) -> str:
+    """The location of a file of the cache: a path, or a URL (Path would turn s3://b into
+    s3:/b). A pipe: cache_dir is a command with {} where the file name goes, e.g.
+    "pipe:aws s3 cp s3://bucket/cache/{} -"."""
+    if not is_url(cache_dir):
+        return str(Path(cache_dir) / name)
+    if cache_dir.startswith("pipe:"):
+        if "{}" not in cache_dir:
+            raise ValueError(f"a pipe: cache_dir needs {{}} where the file name goes, e.g. 'pipe:cat /data/{{}}'; got {cache_dir!r}")
+        return cache_dir.replace("{}", name)
+    return cache_dir.rstrip("/") + "/" + name
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole (small) file of a local or remote cache."""
+    with _open(url) as f:
+        return f.read()
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
+    if is_url(cache_dir):
+        url = join(cache_dir, MANIFEST)
+        try:
+            text = read_bytes(url)
+        except Exception as e:  # curl / fsspec / pipe errors differ by scheme
+            raise CacheError(f"cannot read {url} ({type(e).__name__}: {e}): a remote cache_dir must hold a complete "
+                             "cache (build it locally, then upload the folder)") from None
+        try:
+            return json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheError(f"{url} is not valid JSON ({e})") from None
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
         return None
@@ -171,11 +206,15 @@ class Block:
 
 
 def _open(url: str):
-    if "://" in url or url.startswith("pipe:"):
-        import webdataset as wds  # its gopen handles pipe:, http(s) and object-store URLs
+    if not is_url(url):
+        return open(url, "rb")
+    if url.startswith(("pipe:", "http://", "https://", "file://")):
+        import webdataset as wds  # its gopen runs pipe: commands, and curl for http(s)
 
         return wds.gopen(url, "rb")
-    return open(url, "rb")
+    import fsspec  # s3://, gs://, ... (needs that filesystem's package, e.g. s3fs, gcsfs)
+
+    return fsspec.open(url, "rb").open()
 
 
 def iter_shard(

@@ -245,20 +245,26 @@ class TopKTrainStep(torch.autograd.Function):
     parameter (the AuxK rows added in place) instead of autograd allocating, zero-filling
     and summing a dense [n, d] gradient per use, and gives b_dec's gradient through the
     encoder as one GEMV instead of a [B, d] gather. The input x_c is treated as data.
+
+    Latent-sharded (sae_lit.model.sharded): the weights are this shard's rows, the selection
+    holds only this shard's latents (the others at value 0), and ``reduce`` sums a list of
+    tensors in place over the shards. It completes the partial decodes before b_dec is added
+    and, in backward, b_dec's gradient through the encoder; what reaches b_dec through the
+    decodes is the same on every shard and is not summed.
     """
 
     @staticmethod
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, x_c, top_i, top_v, k: int, multi: bool,
-                dead_rows, aux_local, aux_v, aux_z, aux_dtype: torch.dtype | None = None):
+                dead_rows, aux_local, aux_v, aux_z, aux_dtype: torch.dtype | None = None, reduce=None):
         """AuxK comes either as ``aux_z``, the dense [B, n_dead] block of ReLU'd top-k_aux
         pre-activations of the latents ``dead_rows`` (GEMMs), or as ``aux_local`` /
         ``aux_v`` [B, k_aux], positions in ``dead_rows`` and pre-activations (gathers)."""
         ctx.set_materialize_grads(False)
         v = top_v.relu()
-        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec).add_(b_dec)
+        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec)
         empty = recon_k.new_empty(0)
         # Multi-TopK: the 4k-latent reconstruction is the k-latent one plus the other 3k.
-        recon_all = gather_sum(top_i[:, k:].contiguous(), v[:, k:].contiguous(), W_dec).add_(recon_k) if multi else empty
+        recon_all = gather_sum(top_i[:, k:].contiguous(), v[:, k:].contiguous(), W_dec) if multi else empty
         aux_hat, z, W_dead = empty, None, None
         aux_dense = dead_rows is not None and aux_z is not None
         if aux_dense:
@@ -274,7 +280,12 @@ class TopKTrainStep(torch.autograd.Function):
         elif dead_rows is not None:
             z = aux_v.relu()
             aux_hat = gather_sum(dead_rows[aux_local], z, W_dec)
-        ctx.k, ctx.multi, ctx.aux_dense = k, multi, aux_dense
+        if reduce is not None:
+            reduce([t for t in (recon_k, recon_all, aux_hat) if t.numel()])
+        recon_k.add_(b_dec)
+        if multi:
+            recon_all.add_(recon_k)
+        ctx.k, ctx.multi, ctx.aux_dense, ctx.reduce = k, multi, aux_dense, reduce
         ctx.save_for_backward(W_enc, W_dec, x_c, top_i, top_v, dead_rows, aux_local, aux_v, z, W_dead)
         return recon_k, recon_all, aux_hat
 
@@ -326,8 +337,11 @@ class TopKTrainStep(torch.autograd.Function):
                 gb_enc.index_add_(0, idx.reshape(-1), g_z.reshape(-1))
         # pre = W_enc (x - b_dec) + b_enc: sum_{b,j} g_bj W_enc[i_bj] = (per-latent sums) @ W_enc,
         # the main code's and AuxK's latents alike.
-        gb_dec -= gb_enc @ W_enc
-        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None
+        through_encoder = gb_enc @ W_enc
+        if ctx.reduce is not None:
+            ctx.reduce([through_encoder])
+        gb_dec -= through_encoder
+        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None, None
 
 
 class ReconLosses(torch.autograd.Function):

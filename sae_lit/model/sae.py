@@ -152,13 +152,8 @@ class TopKSAE(nn.Module):
             raise ValueError(f"d_in must be positive, got {cfg.d_in}")
         self.cfg = cfg
         n, d = cfg.num_latents, cfg.d_in
-        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        W_dec = torch.randn(n, d, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec, W_enc = init_rows(cfg, 0, n)
         self.W_dec = nn.Parameter(W_dec)
-        # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
-        # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
-        W_enc = W_dec.clone() if cfg.tied_init else torch.randn(n, d, generator=gen) / math.sqrt(d)
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -422,6 +417,45 @@ class TopKSAE(nn.Module):
         else:
             self.b_dec.zero_()
         self.initialized.fill_(True)
+
+
+# Rows per chunk of the initial draw: a multiple of 16, as torch's CPU normal sampler fills
+# 16 values at a time (see init_rows).
+_INIT_CHUNK_ROWS = 4096
+
+
+def init_rows(cfg: SAEConfig, lo: int, hi: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Rows [lo, hi) of the initial (W_dec, W_enc), float32, on ``device`` (default CPU).
+
+    The values are those of one ``torch.randn(n, d)`` per matrix (W_dec first, then W_enc when
+    untied) from the config's seed, but drawn in row chunks and kept only where they fall in
+    [lo, hi): a latent shard gets exactly its slice of the unsharded init without ever holding
+    the whole dictionary. Chunked and one-shot draws agree because the CPU sampler turns
+    uniforms into normals 16 at a time, in order, redrawing only a tail that is not a multiple
+    of 16: every chunk but the last is a multiple of 16 values, and the last holds >= 16
+    (tests/test_latent_parallel.py checks the equality)."""
+    n, d = cfg.num_latents, cfg.d_in
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    bounds = list(range(0, n, _INIT_CHUNK_ROWS)) + [n]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * d < 16:
+        del bounds[-2]  # a tail under 16 values would be drawn differently: merge it
+
+    def draw(last: bool) -> Tensor:
+        keep = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a >= hi and last and gen is not None:
+                break  # nothing after this draws from a private generator
+            chunk = torch.randn(b - a, d, generator=gen, dtype=torch.float32)
+            if b > lo and a < hi:
+                keep.append(chunk[max(lo, a) - a : min(hi, b) - a].to(device))
+        return torch.cat(keep) if keep else torch.empty(0, d, device=device)
+
+    W_dec = draw(last=cfg.tied_init)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
+    # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
+    W_enc = W_dec.clone() if cfg.tied_init else draw(last=True) / math.sqrt(d)
+    return W_dec.contiguous(), W_enc.contiguous()
 
 
 def _fired(indices: Tensor, values: Tensor, n: int) -> Tensor:

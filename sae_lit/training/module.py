@@ -13,6 +13,7 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from sae_lit.common import acts_of
@@ -20,6 +21,8 @@ from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
 from sae_lit.model.activations import LOADED_ONLY
 from sae_lit.model.formats import ExportFormat, export_sae
+from sae_lit.model.sharded import ShardedTopKSAE
+from sae_lit.model.sharded_io import export_sharded
 from sae_lit.model.sae import SAEConfig, TopKSAE
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
 
@@ -46,6 +49,7 @@ class SAEModule(L.LightningModule):
         init_sample_size: int = 32768,
         histogram_every_n_steps: int = 200,
         dead_adam_reset: bool = False,
+        defer_init: bool = False,
     ):
         """
         Args:
@@ -62,13 +66,13 @@ class SAEModule(L.LightningModule):
             histogram_every_n_steps: how often the latent-density histogram is logged.
             dead_adam_reset: ablation, off by default (the reference keeps them): zero a latent's
                 Adam moments when it dies, so that AuxK's steps on it start afresh.
+            defer_init: build the SAE in configure_model instead of here: under
+                LatentParallelStrategy each rank then only ever allocates its latent shard
+                (needed when the whole SAE does not fit one device). Until then ``sae`` is None.
         """
         super().__init__()
-        if isinstance(sae, TopKSAE):
-            self.sae = sae
-        else:
-            self.sae = TopKSAE(SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae)
-        cfg = self.sae.cfg
+        given = sae if isinstance(sae, TopKSAE) else None
+        cfg = given.cfg if given is not None else SAEConfig.from_dict(sae) if isinstance(sae, dict) else sae
         if cfg.activation in LOADED_ONLY:
             raise ValueError("activation 'jumprelu' is for loaded SAEs (fixed per-latent thresholds); sae_lit does "
                              "not train it: train 'batchtopk' (exported as a JumpReLU) instead")
@@ -77,27 +81,67 @@ class SAEModule(L.LightningModule):
         # SAE (an injected module is saved as its config + state dict).
         sae = dataclasses.asdict(cfg)
         self.save_hyperparameters()
-        self.ema: TopKSAE | None = None
+        self.sae_config = cfg
+        self.sae: TopKSAE | ShardedTopKSAE | None = None
+        self.ema: TopKSAE | ShardedTopKSAE | None = None
         self.weight_ema: WeightEMA | None = None
-        if ema_decay is not None:
-            self.weight_ema = WeightEMA(self.sae, ema_decay)
-            self.ema = copy.deepcopy(self.sae).requires_grad_(False)  # the bias-corrected average, for eval
         self._ema_written = -1  # the update count self.ema was last written at
         self.lr = lr if lr is not None else default_lr(cfg.num_latents)
-        n = cfg.num_latents
-        # Training tokens since each latent last fired (value > 0 in the top k). Global over
-        # ranks: every rank adds the global batch and resets on any rank's firing.
-        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
-        # How often each latent fired over all training tokens: the export's firing densities
-        # (SAELens's sparsity.safetensors).
-        self.register_buffer("fire_counts", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("fire_window", torch.zeros(n), persistent=False)
         self._window_tokens = 0
         self.val_nmse = NMSE(cfg.d_in)
         self.val_l0 = MeanL0()
-        self.val_firing = FiringCounts(n)
+        self.val_firing = FiringCounts(cfg.num_latents)
         self.export_metadata: dict = {}
+        self._replica_group = None  # set under LatentParallelStrategy with more than one replica
+        self._num_replicas = 1
+        if given is not None or not defer_init:
+            self._attach(given if given is not None else TopKSAE(cfg))
+
+    def _attach(self, sae: TopKSAE | ShardedTopKSAE) -> None:
+        """Make ``sae`` the trained SAE, with its EMA and per-latent counters (one shard's
+        latents for a ShardedTopKSAE)."""
+        self.sae = sae
+        if self.hparams.ema_decay is not None:
+            self.weight_ema = WeightEMA(sae, self.hparams.ema_decay)
+            self.ema = copy.deepcopy(sae).requires_grad_(False)  # the bias-corrected average, for eval
+        n = sae.num_local if isinstance(sae, ShardedTopKSAE) else sae.num_latents
+        # Training tokens since each latent last fired (value > 0 in the top k). Global over
+        # replicas: every rank adds the global batch and resets on any replica's firing.
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64, device=sae.b_dec.device))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64, device=sae.b_dec.device))
+        # How often each latent fired over all training tokens: the export's firing densities
+        # (SAELens's sparsity.safetensors).
+        self.register_buffer("fire_counts", torch.zeros(n, dtype=torch.int64, device=sae.b_dec.device))
+        self.register_buffer("fire_window", torch.zeros(n, device=sae.b_dec.device), persistent=False)
+
+    def configure_model(self) -> None:
+        """Build the SAE if deferred; under LatentParallelStrategy, keep only this rank's shard
+        (a slice of the SAE built here or given, so the same values as one process)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        comm = getattr(strategy, "latent_comm", None)
+        if comm is None:
+            if self.sae is None:
+                self._attach(TopKSAE(self.sae_config))
+            return
+        self._num_replicas = strategy.num_replicas
+        self._replica_group = strategy.replica_group if strategy.num_replicas > 1 else None
+        if isinstance(self.sae, ShardedTopKSAE):
+            return
+        if self.sae is None:
+            sharded = ShardedTopKSAE(self.sae_config, comm, device=strategy.root_device)
+        else:
+            sharded = ShardedTopKSAE.from_full(self.sae, comm)
+        self._attach(sharded)
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.sae, ShardedTopKSAE)
+
+    def _replicas(self) -> int:
+        """Processes that see different data: the replicas when sharded, else every rank."""
+        if self.sharded:
+            return self._num_replicas
+        return self.trainer.world_size if self._trainer is not None else 1
 
     # ------------------------------------------------------------------ setup
     @property
@@ -159,8 +203,7 @@ class SAEModule(L.LightningModule):
         auxk_on = hp.auxk_alpha > 0 and (act is None or act.supports_auxk)
         # Dead once this batch is counted; the SAE takes out the latents that fire in it (the
         # reference code updates its counters first and masks after).
-        world = self.trainer.world_size if self._trainer is not None else 1
-        candidates = self.tokens_since_fired + x.shape[0] * world >= hp.dead_tokens
+        candidates = self.tokens_since_fired + x.shape[0] * self._replicas() >= hp.dead_tokens
         log_now = self._trainer is not None and self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
         out = self.sae(x, dead_mask=candidates if auxk_on else None, diagnose=log_now)
         loss = out.nmse + out.extra_loss
@@ -172,14 +215,14 @@ class SAEModule(L.LightningModule):
             loss = loss + hp.l1_coeff * out.l1_loss
             self.log("train/l1", out.l1_loss.detach(), on_step=True, batch_size=x.shape[0])
         self._track_firing(out.values.detach(), out.indices, x.shape[0])
-        dead = self.tokens_since_fired >= hp.dead_tokens
+        dead_frac = self._dead_fraction()
 
         l0 = (out.values.detach() > 0).sum(-1).float().mean()
         if log_now:
-            self._log_throughput(x.shape[0] * world)
+            self._log_throughput(x.shape[0] * self._replicas())
         self.log_dict(
             {"train/loss": loss.detach(), "train/nmse": out.nmse.detach(), "train/auxk": out.auxk_loss.detach(),
-             "train/l0": l0, "train/dead_frac": dead.float().mean(),
+             "train/l0": l0, "train/dead_frac": dead_frac,
              "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]},
             on_step=True, on_epoch=False, batch_size=x.shape[0],
         )
@@ -203,11 +246,26 @@ class SAEModule(L.LightningModule):
                      on_step=True, on_epoch=False, batch_size=batch_tokens)
 
     @torch.no_grad()
+    def _dead_fraction(self) -> Tensor:
+        dead = (self.tokens_since_fired >= self.hparams.dead_tokens).sum().float()
+        if self.sharded:
+            self.sae.comm.all_reduce_([dead])
+        return dead / self.sae.num_latents
+
+    @torch.no_grad()
     def _track_firing(self, values: Tensor, indices: Tensor, batch_tokens: int) -> None:
-        counts = torch.bincount(indices[values > 0], minlength=self.sae.num_latents).float()
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        fired = indices[values > 0]
+        world = self._replicas()
+        if self.sharded:
+            # Global ids in, this shard's counters out; summed over the replicas.
+            lo, hi = self.sae.lo, self.sae.hi
+            counts = torch.bincount(fired[(fired >= lo) & (fired < hi)] - lo, minlength=self.sae.num_local).float()
+            if self._replica_group is not None:
+                dist.all_reduce(counts, group=self._replica_group)
+        else:
+            counts = torch.bincount(fired, minlength=self.sae.num_latents).float()
+            if world > 1:
+                counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.tokens_since_fired += batch_tokens * world
         self.tokens_since_fired[counts > 0] = 0
         self.tokens_seen += batch_tokens * world
@@ -216,7 +274,8 @@ class SAEModule(L.LightningModule):
         self._window_tokens += batch_tokens * world
         every = self.hparams.histogram_every_n_steps
         if every and (self.global_step + 1) % every == 0:
-            self._log_density(self.fire_window / max(self._window_tokens, 1), "train/latent_density")
+            window = self.sae.comm.all_gather(self.fire_window).reshape(-1) if self.sharded else self.fire_window
+            self._log_density(window / max(self._window_tokens, 1), "train/latent_density")
             self.fire_window.zero_()
             self._window_tokens = 0
 
@@ -228,6 +287,8 @@ class SAEModule(L.LightningModule):
         logger.experiment.add_histogram(tag, torch.log10(freq.float().cpu() + 1e-10), self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._replica_group is not None:
+            self._average_gradients_over_replicas()
         self.sae.remove_gradient_parallel_to_decoder_directions()
         if self.hparams.dead_adam_reset:
             self._reset_adam_of_newly_dead(optimizer)
@@ -249,6 +310,24 @@ class SAEModule(L.LightningModule):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][rows] = 0
+
+    @torch.no_grad()
+    def _average_gradients_over_replicas(self) -> None:
+        """Data parallelism of a latent-sharded SAE: what DDP does for a whole one (every
+        parameter gets a gradient each step; one flat all-reduce)."""
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self._replica_group)
+        flat /= self._num_replicas
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        algorithm = gradient_clip_algorithm or (self._trainer.gradient_clip_algorithm if self._trainer else None)
+        if self.sharded and gradient_clip_val and str(getattr(algorithm, "value", algorithm) or "norm") == "norm":
+            self.sae.clip_grad_norm_(float(gradient_clip_val))  # the norm over all shards
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -301,7 +380,7 @@ class SAEModule(L.LightningModule):
         nmse = self.val_nmse.compute()
         if (isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
                 and not getattr(self, "_hp_metric_declared", False) and self.trainer.is_global_zero):
-            self.logger.log_hyperparams(self.hparams, {"val/nmse": float(nmse)}, step=self.global_step)
+            _declare_hparams_metric(self.logger, self.hparams, {"val/nmse": float(nmse)})
             self._hp_metric_declared = True
         freq = self.val_firing.frequencies()
         self.log_dict(
@@ -345,13 +424,19 @@ class SAEModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         root = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: all ranks
+        root = self.trainer.strategy.broadcast(root)  # the same folder for every shard
+        if self.sharded:
+            # Replica 0's shards stream their rows to global rank 0, which writes the folder.
+            out = None
+            if self.trainer.strategy.replica_rank == 0:
+                out = export_sharded(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
+        elif self.trainer.is_global_zero:
+            out = self.export(Path(root) / "sae")
         if not self.trainer.is_global_zero:
             return
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         if final:
             print("Final validation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items())))
-
-        out = self.export(Path(root) / "sae")
         print(f"Exported SAE to {out}")
 
 
@@ -392,6 +477,26 @@ class WeightEMA(nn.Module):
         for b_t, b in zip(target.buffers(), source.buffers()):
             b_t.copy_(b)
         target.set_decoder_norm_to_unit_norm()
+
+
+def _declare_hparams_metric(logger: TensorBoardLogger, params: dict, metrics: dict) -> None:
+    """Write TensorBoard's hparams summary naming ``metrics`` as the run's measures, without
+    adding a point to their scalar series (TensorBoardLogger.log_hyperparams would)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", dict(params))
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(flat, metrics):
+        writer.add_summary(summary)
 
 
 def _count(n: int) -> str:

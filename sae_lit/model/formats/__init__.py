@@ -46,4 +46,8 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None, 
     raise ValueError(f"format must be 'saelens' or 'sparsify', got {format!r}")
 
 
-__all__ = ["ExportFormat", "FormatError", "detect", "export_sae", "load_sae", "object_kind", "parts_of_object"]
+export_cfg = saelens.config
+CFG_NAME, WEIGHTS_NAME = saelens.CFG_NAME, saelens.WEIGHTS_NAME
+
+__all__ = ["CFG_NAME", "WEIGHTS_NAME", "ExportFormat", "FormatError", "detect", "export_cfg", "export_sae", "load_sae",
+           "object_kind", "parts_of_object"]

@@ -204,6 +204,24 @@ def write(sae: TopKSAE, out: Path, metadata: dict | None = None, density: torch.
                                  "training): train it first")
             theta = theta.expand(sae.num_latents)
         tensors["threshold"] = (theta / s).contiguous()
+    cfg = config(sae, metadata)
+    # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
+    # Weights first: cfg.json under its final name marks a complete folder.
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    if density is not None:
+        # SAELens's log_feature_sparsity: log10(frequency + 1e-10).
+        with atomic_path(out / SPARSITY_NAME) as tmp:
+            save_file({"sparsity": torch.log10(density.detach().double().cpu() + 1e-10).float()}, str(tmp))
+    write_json_atomic(out / CFG_NAME, cfg)
+    return out
+
+
+def config(sae, metadata: dict | None = None) -> dict:
+    """The cfg.json of our SAE in the SAELens layout (a TopKSAE, or a latent shard of one: it
+    describes the whole SAE either way)."""
+    s = float(sae.input_scale) if sae.normalize == "constant" else 1.0
+    arch = ARCHITECTURES[sae.activation]
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
     cfg = {
@@ -222,13 +240,4 @@ def write(sae: TopKSAE, out: Path, metadata: dict | None = None, density: torch.
     if sae.activation == "topk":
         cfg["k"] = sae.k
         cfg["rescale_acts_by_decoder_norm"] = False
-    # Atomic: a crash mid-export never leaves a half-written SAE behind a valid name.
-    # Weights first: cfg.json under its final name marks a complete folder.
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
-    if density is not None:
-        # SAELens's log_feature_sparsity: log10(frequency + 1e-10).
-        with atomic_path(out / SPARSITY_NAME) as tmp:
-            save_file({"sparsity": torch.log10(density.detach().double().cpu() + 1e-10).float()}, str(tmp))
-    write_json_atomic(out / CFG_NAME, cfg)
-    return out
+    return cfg
