@@ -2,19 +2,27 @@
 
     python -m sae_lit.data.cache --config configs/quickstart.yaml      # uses its data: section
     python -m sae_lit.data.cache --model gpt2 --hookpoint resid_post.8 --cache_dir data/cache/gpt2-l8
+    python -m sae_lit.data.cache --cache_dir data/cache/quickstart --verify   # re-read and check every shard
 
 The build is deterministic (document order, packing, block numbering depend only on the
 config), so an interrupted build resumes at shard granularity: shards already on disk are
-skipped (their text is re-tokenised, which is cheap, but not re-run through the model) and the
-result is identical to an uninterrupted build.
+checked (their blocks must carry this config's fingerprint and checksums) and skipped (their
+text is re-tokenised, which is cheap, but not re-run through the model), and the result is
+identical to an uninterrupted build. One builder at a time per folder (a lock file); a second
+one waits, then finds the cache complete.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import itertools
 import logging
 import math
+import os
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from sae_lit.common import atomic_path, write_json_atomic
+from sae_lit.common import atomic_path, remove_stale_temps, run_cli, write_json_atomic
 from sae_lit.data import shards as sh
 from sae_lit.data.corpus import make_corpus, pack_contexts, special_ids
 from sae_lit.data.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
@@ -71,6 +79,26 @@ class CacheConfig:
     """Tokens whose activation norm exceeds this multiple of the median norm are outliers, left
     out of training, validation and the statistics (kept in the shards); None keeps all."""
 
+    def __post_init__(self):
+        positive = ("context_length", "train_tokens", "val_tokens", "tokens_per_shard", "model_batch_size", "sample_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cache.{name} must be a positive integer, got {value!r}.")
+        if self.context_length < 2:
+            raise ValueError(f"cache.context_length must be at least 2 (BOS + one token), got {self.context_length}.")
+        for name in ("train_tokens", "val_tokens"):
+            if getattr(self, name) < self.context_length:
+                raise ValueError(
+                    f"cache.{name} must be at least context_length ({self.context_length}), got {getattr(self, name)}."
+                )
+        if self.dtype not in sh.DTYPES:
+            raise ValueError(f"cache.dtype must be one of {sh.DTYPES}, got {self.dtype!r}.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"cache.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction!r}.")
+        if self.outlier_factor is not None and not self.outlier_factor > 0:
+            raise ValueError(f"cache.outlier_factor must be positive or null (keep all tokens), got {self.outlier_factor!r}.")
+
     @property
     def blocks_per_shard(self) -> int:
         return max(1, self.tokens_per_shard // self.context_length)
@@ -116,6 +144,16 @@ def missing_shards(cache_dir, manifest: dict) -> list[str]:
     ]
 
 
+def nonfinite_shards(manifest: dict) -> dict[str, int]:
+    """{shard file: tokens with NaN / Inf activations} over both splits (empty for a clean cache)."""
+    return {
+        s["file"]: sum(len(v) for v in s.get("nonfinite", {}).values())
+        for split in manifest.get("splits", {}).values()
+        for s in split["shards"]
+        if s.get("nonfinite")
+    }
+
+
 def cache_is_complete(cfg: CacheConfig, fingerprint: str | None = None) -> bool:
     """True if cache_dir holds a finished cache for this config; raises if it holds another's."""
     manifest = sh.read_manifest(cfg.cache_dir)
@@ -137,11 +175,30 @@ def build_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     corpus = cfg.corpus_obj()
     expected = cfg.expected(corpus.fingerprint())
-    manifest = sh.read_manifest(cache_dir)
-    if manifest is not None:
-        sh.check_manifest(manifest, expected, cache_dir)
-        if manifest.get("complete") and not missing_shards(cache_dir, manifest):
-            return BuildResult(manifest, 0.0, 0)
+    with build_lock(cache_dir):
+        # Under the lock: whatever the manifest says now is final (another builder may just
+        # have finished), and every temporary file is a leftover of a killed build.
+        manifest = sh.read_manifest(cache_dir)
+        if manifest is not None:
+            sh.check_manifest(manifest, expected, cache_dir)
+            if manifest.get("complete") and not missing_shards(cache_dir, manifest):
+                return BuildResult(manifest, 0.0, 0)
+        stale = remove_stale_temps(cache_dir)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted build in %s", len(stale), cache_dir)
+        try:
+            return _build(cfg, corpus, expected, progress, subject, on_shard)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise sh.CacheError(
+                f"No space left on the device holding {cache_dir} ({e}). Nothing incomplete was kept: free some "
+                f"space (or set cache_dir elsewhere) and run the build again; it resumes at the first missing shard."
+            ) from e
+
+
+def _build(cfg, corpus, expected, progress, subject, on_shard) -> BuildResult:
+    cache_dir = Path(cfg.cache_dir)
     # Recorded before any shard, so a resumed build is checked against the config it started with.
     write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
 
@@ -153,22 +210,50 @@ def build_cache(
     device = next(model.parameters()).device
 
     targets = {"train": cfg.train_tokens // cfg.context_length, "val": cfg.val_tokens // cfg.context_length}
-    if min(targets.values()) < 1:
-        raise ValueError(f"train_tokens and val_tokens must each be at least context_length ({cfg.context_length}).")
+    fingerprint = sh.config_fingerprint(expected)
     bar = _progress_bar(sum(targets.values()) * cfg.context_length, progress)
     start, computed, splits = time.perf_counter(), 0, {}
     try:
         for split in ("train", "val"):
-            splits[split], n = _write_split(cfg, split, targets[split], corpus, tokenizer, forward, device, bar, on_shard)
+            splits[split], n = _write_split(
+                cfg, split, targets[split], corpus, tokenizer, forward, device, bar, on_shard, fingerprint
+            )
             computed += n
     finally:
         bar.close()
     seconds = time.perf_counter() - start
 
-    manifest = _finalize(cfg, expected, splits, tokenizer, forward)
+    manifest = _finalize(cfg, expected, splits, tokenizer, forward, fingerprint)
     write_json_atomic(cache_dir / sh.MANIFEST, manifest)
     log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
+    bad = manifest["nonfinite_tokens"]
+    if any(bad.values()):
+        log.warning(
+            "%s: %d train and %d val tokens have NaN/Inf activations (%s); training refuses this cache unless the "
+            "data module drops them (drop_nonfinite=True).", cache_dir, bad["train"], bad["val"],
+            ", ".join(sorted(nonfinite_shards(manifest))),
+        )
     return BuildResult(manifest, seconds, computed)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def build_lock(cache_dir: Path):
+    """An exclusive fcntl lock on `<cache_dir>/.lock` for the duration of a build: a second
+    builder on the same folder (another process, another node on a shared filesystem) waits
+    instead of computing every shard again. Released by the OS if the holder dies."""
+    fd = os.open(Path(cache_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another process is building the activation cache in %s; waiting for it to finish", cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -177,7 +262,7 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="tok", unit_scale=True, desc="caching activations", disable=not enabled, smoothing=0.1)
 
 
-def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, on_shard) -> tuple[dict, int]:
+def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, on_shard, fingerprint) -> tuple[dict, int]:
     T, bps = cfg.context_length, cfg.blocks_per_shard
     contexts = itertools.islice(pack_contexts(corpus.documents(split), tokenizer, T), n_blocks)
     shards, computed, first = [], 0, 0
@@ -186,14 +271,18 @@ def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, 
         if not batch:
             break
         path = Path(cfg.cache_dir) / sh.shard_name(split, index)
-        if not path.exists():
-            _write_shard(path, split, first, batch, forward, device, cfg, bar)
+        nonfinite = _existing_shard(path, split, first, len(batch), cfg, fingerprint) if path.exists() else None
+        if nonfinite is None:
+            nonfinite = _write_shard(path, split, first, batch, forward, device, cfg, bar, fingerprint)
             computed += len(batch) * T
             if on_shard is not None:
                 on_shard(str(path))
         else:
             bar.update(len(batch) * T)
-        shards.append({"file": path.name, "blocks": len(batch), "first_block": first})
+        entry = {"file": path.name, "blocks": len(batch), "first_block": first}
+        if nonfinite:
+            entry["nonfinite"] = nonfinite
+        shards.append(entry)
         first += len(batch)
     if first < n_blocks:
         log.warning(
@@ -202,12 +291,48 @@ def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, 
         )
     if first == 0:
         raise ValueError(f"The {split} split of corpus {cfg.corpus!r} is empty; add text or raise val_fraction ({cfg.val_fraction}).")
-    return {"tokens": first * T, "blocks": first, "shards": shards}, computed
+    n_bad = sum(len(v) for s in shards for v in s.get("nonfinite", {}).values())
+    return {"tokens": first * T, "blocks": first, "nonfinite_tokens": n_bad, "shards": shards}, computed
 
 
-def _write_shard(path, split, first, batch, forward, device, cfg, bar) -> None:
+def _existing_shard(path, split, first, n_blocks, cfg, fingerprint) -> dict | None:
+    """A shard already on disk (a resumed build, or a cache whose manifest was lost): refused if
+    another config produced it, rebuilt (None) if damaged, else kept: returns its non-finite
+    rows. It is read in full, which also checks every checksum."""
+    try:
+        key, config = sh.shard_provenance(str(path))
+    except sh.CorruptShardError as e:
+        log.warning("rebuilding %s: %s", path, e)
+        return None
+    if config != fingerprint:
+        made = "by a version of sae_lit without provenance records" if config is None else f"for config {config}"
+        raise sh.ManifestMismatchError(
+            f"{path} was built {made}, not for this configuration ({fingerprint}): the folder holds another "
+            f"cache, and its manifest.json is gone or out of date. Delete {cfg.cache_dir} to rebuild it, or set "
+            f"cache_dir to a new folder."
+        )
+    try:
+        if key != sh.block_key(split, first):
+            raise sh.CorruptShardError(path, f"it starts with block {key}, not {sh.block_key(split, first)}")
+        nonfinite = {}
+        for block in sh.iter_shard(str(path), n_blocks, first_block=first, config=fingerprint):
+            if block.acts.ndim != 2 or block.acts.shape[0] != cfg.context_length:
+                raise sh.CorruptShardError(path, f"block {block.key} has acts of shape {block.acts.shape}")
+            bad = np.flatnonzero(~sh.finite_rows(block.acts, cfg.dtype))
+            if len(bad):
+                nonfinite[str(block.index)] = bad.tolist()
+        return nonfinite
+    except sh.CorruptShardError as e:
+        log.warning("rebuilding %s: %s", path, e)
+        return None
+
+
+def _write_shard(path, split, first, batch, forward, device, cfg, bar, fingerprint) -> dict:
+    """Run one shard's contexts through the model and write it; returns its non-finite rows
+    {block index: [positions]} (NaN from the model, or values beyond float16's range)."""
     tokens = np.stack([c.tokens for c in batch])
-    writer = sh.ShardWriter(path)
+    writer = sh.ShardWriter(path, fingerprint)
+    nonfinite = {}
     try:
         for lo in range(0, len(batch), cfg.model_batch_size):
             ids = torch.from_numpy(tokens[lo : lo + cfg.model_batch_size]).long().to(device)
@@ -218,21 +343,26 @@ def _write_shard(path, split, first, batch, forward, device, cfg, bar) -> None:
                 head = ctx.docs[0]
                 meta = {"doc_id": head["id"], "source": head["source"], "offset": head["offset"], "docs": ctx.docs}
                 writer.add(sh.block_key(split, first + lo + j), row, ctx.tokens, meta)
+                bad = np.flatnonzero(~sh.finite_rows(row, cfg.dtype))
+                if len(bad):
+                    nonfinite[str(first + lo + j)] = bad.tolist()
             bar.update(len(acts) * cfg.context_length)
     except BaseException:
         writer.abort()
         raise
     writer.close()
+    return nonfinite
 
 
-def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
+def _finalize(cfg, expected, splits, tokenizer, forward, fingerprint) -> dict:
     """Statistics, read back from disk so a resumed build gets the same.
 
     A sample of non-BOS train tokens spread over the whole split (not the first shard: one shard
     is only a few dozen documents) gives the median norm, the outlier threshold and the
     normalisation constant. Outliers are the "massive activations" some models put on a token
     near the start of a context (SmolLM2: ~3% of contexts, position 1, norm ~100x the median);
-    left in, a handful of them outweighs the whole rest of a batch in the MSE."""
+    left in, a handful of them outweighs the whole rest of a batch in the MSE. Non-finite rows
+    are never part of the statistics."""
     cache_dir = Path(cfg.cache_dir)
     train = splits["train"]
     rng = np.random.default_rng(cfg.seed)
@@ -247,11 +377,16 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
         wanted = set(chosen[(chosen >= lo) & (chosen < hi)].tolist())
         if not wanted:
             continue
-        for block in sh.iter_shard(str(cache_dir / shard["file"]), shard["blocks"], keep=wanted.__contains__, with_meta=False):
+        url = str(cache_dir / shard["file"])
+        for block in sh.iter_shard(url, shard["blocks"], keep=wanted.__contains__, with_meta=False,
+                                   first_block=lo, config=fingerprint):
             positions = 1 + rng.choice(T - 1, size=per_block, replace=False)
             rows.append(block.acts[np.sort(positions)])
     sample = np.concatenate(rows)
     sample = sample[rng.permutation(len(sample))]  # any prefix is then an unbiased subsample
+    sample = sample[sh.finite_rows(sample, cfg.dtype)]
+    if len(sample) == 0:
+        raise sh.CacheError(f"{cache_dir}: every sampled train activation is NaN or Inf; the subject model or its dtype is broken.")
     norms = sh.row_norms(sample, cfg.dtype)
     median_norm = float(np.median(norms))
     threshold = cfg.outlier_factor * median_norm if cfg.outlier_factor else math.inf
@@ -263,14 +398,17 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
     _save_npy_atomic(cache_dir / "sample.npy", sample)
 
     # Validation batch counts must be known exactly before reading (equal on every rank), so
-    # record how many non-BOS tokens of each val block are inliers.
+    # record how many non-BOS tokens of each val block are finite inliers.
     for shard in splits["val"]["shards"]:
-        blocks = sh.iter_shard(str(cache_dir / shard["file"]), shard["blocks"], with_meta=False)
-        shard["inliers"] = [int((sh.row_norms(b.acts[1:], cfg.dtype) <= threshold).sum()) for b in blocks]
+        url = str(cache_dir / shard["file"])
+        blocks = sh.iter_shard(url, shard["blocks"], with_meta=False, first_block=shard["first_block"], config=fingerprint)
+        shard["inliers"] = [int(((sh.row_norms(b.acts[1:], cfg.dtype) <= threshold) & sh.finite_rows(b.acts[1:], cfg.dtype)).sum())
+                            for b in blocks]
 
     bos, sep = special_ids(tokenizer)
     return {
         **expected,
+        "config_fingerprint": fingerprint,
         "corpus": cfg.corpus if isinstance(cfg.corpus, str) else list(cfg.corpus),
         "model_name": hub_name(cfg.model),
         "hook_name": forward.hookpoint.module_path,
@@ -280,6 +418,8 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
         "train_tokens": train["tokens"],
         "val_tokens": splits["val"]["tokens"],
         "num_shards": {s: len(v["shards"]) for s, v in splits.items()},
+        # Tokens whose activation holds a NaN or an Inf (per shard: {block: positions}).
+        "nonfinite_tokens": {s: v["nonfinite_tokens"] for s, v in splits.items()},
         "splits": splits,
         # s such that E||s x||^2 = d_in over non-BOS, non-outlier train tokens (the released
         # OpenAI training code's single constant; see PAPER.md "Input normalisation").
@@ -288,14 +428,67 @@ def _finalize(cfg, expected, splits, tokenizer, forward) -> dict:
         "median_norm": median_norm,
         "outlier_threshold": threshold if math.isfinite(threshold) else None,
         "outlier_fraction": float(1 - inliers.mean()),
-        "sample": {"file": "sample.npy", "tokens": int(len(sample))},
+        "sample": {"file": "sample.npy", "tokens": int(len(sample)), "crc32": _file_crc32(cache_dir / "sample.npy")},
         "complete": True,  # last key: readers trust nothing else until it is there
     }
+
+
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
+
+
+# --- checking a cache ------------------------------------------------------------------------
+
+
+def verify_cache(cache_dir: str | os.PathLike, progress: bool = False) -> tuple[dict, list[tuple[str, str]]]:
+    """Re-read every shard of the cache in `cache_dir` in full - structure, block sequence,
+    shapes, checksums, the config fingerprint of each block, the non-finite counts the manifest
+    records - and sample.npy's checksum. Returns (the manifest, [(file, problem)]); no problems
+    means every byte the data module will read is as written."""
+    cache_dir = Path(cache_dir)
+    manifest = sh.read_manifest(cache_dir)
+    if manifest is None:
+        raise sh.CacheError(f"{cache_dir} holds no {sh.MANIFEST}: not an activation cache (or its build never started).")
+    sh.check_manifest(manifest, {"format_version": sh.FORMAT_VERSION}, cache_dir)
+    problems = []
+    if not manifest.get("complete"):
+        return manifest, [(sh.MANIFEST, "the build has not finished (complete: false); run it again to finish")]
+    fingerprint = manifest["config_fingerprint"]
+    if sh.config_fingerprint(manifest) != fingerprint:
+        problems.append((sh.MANIFEST, "its configuration keys do not match its config_fingerprint (edited by hand?)"))
+    shape = (int(manifest["context_length"]), int(manifest["d_in"]))
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    bar = _progress_bar(len(shards), progress)
+    for s in shards:
+        url = str(cache_dir / s["file"])
+        try:
+            nonfinite = {}
+            for block in sh.iter_shard(url, s["blocks"], shape, first_block=s["first_block"], config=fingerprint):
+                bad = np.flatnonzero(~sh.finite_rows(block.acts, manifest["dtype"]))
+                if len(bad):
+                    nonfinite[str(block.index)] = bad.tolist()
+            if nonfinite != s.get("nonfinite", {}):
+                problems.append((s["file"], f"non-finite rows {nonfinite} differ from the manifest's {s.get('nonfinite', {})}"))
+        except sh.CorruptShardError as e:
+            problems.append((s["file"], e.reason))
+        bar.update(1)
+    bar.close()
+    sample = manifest["sample"]
+    path = cache_dir / sample["file"]
+    if not path.exists():
+        problems.append((sample["file"], "missing"))
+    elif _file_crc32(path) != sample["crc32"]:
+        problems.append((sample["file"], "does not match its checksum"))
+    return manifest, problems
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -315,19 +508,34 @@ def _config_defaults(path: str) -> dict:
     return {k: v for k, v in section.items() if k in names} if isinstance(section, dict) else {}
 
 
-def main(argv: Sequence[str] | None = None) -> BuildResult:
+def main(argv: Sequence[str] | None = None) -> BuildResult | list:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m sae_lit.data.cache", description=__doc__.split("\n\n")[0])
+    from sae_lit.common import one_line_errors
+
+    parser = one_line_errors(ArgumentParser)(prog="python -m sae_lit.data.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML with CacheConfig keys, or a LightningCLI config (its data: section)")
     parser.add_class_arguments(CacheConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="build nothing: re-read every shard of the cache in cache_dir and check it (exit 1 if damaged)")
     args = parser.parse_args(argv)
     if args.config:  # the file's values become defaults; flags given on the command line win
         parser.set_defaults(_config_defaults(args.config))
         args = parser.parse_args(argv)
-    cfg = CacheConfig(**{f.name: args[f.name] for f in dataclasses.fields(CacheConfig)})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.verify:
+        manifest, problems = verify_cache(args.cache_dir, progress=not args.quiet)
+        n = sum(len(split["shards"]) for split in manifest.get("splits", {}).values())
+        for file, problem in problems:
+            print(f"DAMAGED {Path(args.cache_dir) / file}: {problem}")
+        if problems:
+            print(f"{args.cache_dir}: {len(problems)} problem(s) in {n} shard(s). Delete the damaged shard files and run "
+                  f"the build again to rebuild just those.")
+            raise SystemExit(1)
+        print(f"{args.cache_dir}: OK, {n} shards, every block's checksum and config fingerprint verified.")
+        return problems
+    cfg = CacheConfig(**{f.name: args[f.name] for f in dataclasses.fields(CacheConfig)})
     result = build_cache(cfg, progress=not args.quiet)
     m = result.manifest
     print(
@@ -339,4 +547,4 @@ def main(argv: Sequence[str] | None = None) -> BuildResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

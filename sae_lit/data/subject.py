@@ -57,6 +57,15 @@ def canonical_model(spec: str) -> str:
     return spec
 
 
+MODEL_SPECS = "a local folder (save_pretrained), a .gguf file, a hub id 'org/name', or 'smollm2-135m' (embedded)"
+
+
+def looks_like_path(spec: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, a leading '.' / '~' or a
+    .gguf suffix can only be a local path."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec or spec.endswith(".gguf")
+
+
 def _pretrained_args(spec: str) -> tuple[str, dict]:
     """(name_or_path, extra kwargs) for the transformers `from_pretrained` calls."""
     spec = canonical_model(spec)
@@ -64,6 +73,8 @@ def _pretrained_args(spec: str) -> tuple[str, dict]:
         path = embedded_model_file()
         return str(path.parent), {"gguf_file": path.name}
     p = Path(spec)
+    if not p.exists() and looks_like_path(spec):
+        raise FileNotFoundError(f"model {spec!r} does not exist; model takes {MODEL_SPECS}.")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"model: GGUF file {p} does not exist.")
@@ -84,7 +95,16 @@ def load_config(spec: str):
     from transformers import AutoConfig
 
     name, kwargs = _pretrained_args(spec)
-    return AutoConfig.from_pretrained(name, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if Path(name).exists():
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"model {spec!r} is not a local folder or file, and loading it as a hub id failed ({reason}). "
+            f"model takes {MODEL_SPECS}."
+        ) from e
 
 
 def load_tokenizer(spec: str):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -38,8 +39,9 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``sae`` to ``out_dir`` (see the module docstring). Refuses non-finite weights: an
+    SAE that diverged (or saw NaN input) must not leave a loadable folder behind."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     s = float(sae.input_scale) if sae.normalize == "constant" else 1.0
     W_dec = sae.W_dec.detach().float()
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -61,6 +63,14 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None) 
                 f"{sae.activation} SAE has no inference threshold yet (it is estimated during training): train it first"
             )
         tensors["threshold"] = torch.full((sae.num_latents,), theta / s)
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad or not math.isfinite(s):
+        what = ", ".join(bad) if bad else f"the input scale ({s})"
+        raise ValueError(
+            f"Refusing to export to {out}: {what} hold NaN/Inf (training diverged, or its input activations did). "
+            f"Nothing was written; export an earlier checkpoint (python -m sae_lit.training.export CKPT OUT)."
+        )
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
     cfg = {

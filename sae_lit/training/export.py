@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 
+from sae_lit.common import one_line_errors, run_cli
 from sae_lit.model.formats import export_sae
 from sae_lit.training.module import SAEModule
 
@@ -20,15 +21,18 @@ def export_checkpoint(ckpt: str, out: str) -> Path:
         ckpt: Lightning checkpoint (.ckpt) of an SAEModule.
         out: output folder (SAELens layout).
     """
-    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt!r} does not exist.")
+    # weights_only: a checkpoint is data; no pickled code runs while reading it.
+    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     path = export_sae(module.eval_sae, out, metadata=module.export_metadata)
     print(f"Exported {ckpt} -> {path}")
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return CLI(export_checkpoint, args=argv, as_positional=True)
+    return CLI(export_checkpoint, args=argv, as_positional=True, parser_class=one_line_errors(ArgumentParser))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,12 +10,14 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from sae_lit.common import acts_of
 from sae_lit.data.source import ActivationSource
 from sae_lit.model import native
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
+from sae_lit.training.resume import ResumeMismatchError, changes, mismatch_message, split_changes
 from sae_lit.model.sae import SAEConfig, TopKSAE
 
 
@@ -164,6 +166,15 @@ class SAEModule(L.LightningModule):
         # log10 firing frequency; never-fired latents pile up at -10.
         logger.experiment.add_histogram(tag, torch.log10(freq.float().cpu() + 1e-10), self.global_step)
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        # Before backward, so no NaN reaches the weights or a checkpoint (one host sync a step).
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step}: training stopped before the weights were "
+                f"updated. Non-finite input activations (see the cache manifest's nonfinite_tokens) or a learning rate "
+                f"too high (lr={self.lr:.3g}) cause this; resume from the last checkpoint with a lower --model.lr."
+            )
+
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_gradient_parallel_to_decoder_directions()
 
@@ -208,6 +219,8 @@ class SAEModule(L.LightningModule):
 
     def _eval_step(self, batch: Tensor) -> None:
         x = acts_of(batch)
+        if x.shape[0] == 0:
+            return  # padding that keeps the validation batch count equal across ranks
         recon, (values, indices) = self.eval_sae.encode_decode(x)
         self.val_nmse.update(x, recon)
         self.val_l0.update(values)
@@ -238,6 +251,17 @@ class SAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.export_metadata = checkpoint.get("sae_lit_export_metadata", {})
+        saved = checkpoint.get("hyper_parameters")
+        if not saved:
+            return
+        safe, unsafe = split_changes(changes(saved, dict(self.hparams)))
+        if unsafe:
+            raise ResumeMismatchError(mismatch_message(unsafe))
+        if safe:
+            rank_zero_info("Resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in safe.items()))
+        old_lr = saved.get("lr") or default_lr(int(saved.get("sae", {}).get("num_latents", self.sae.num_latents)))
+        if old_lr != self.lr:
+            _rescale_lr(checkpoint, self.lr / old_lr)
 
     def on_validation_epoch_start(self) -> None:
         self.sae.release_buffers()
@@ -257,3 +281,17 @@ class SAEModule(L.LightningModule):
 
         out = export_sae(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
         print(f"Exported SAE to {out}")
+
+
+def _rescale_lr(checkpoint: dict, ratio: float) -> None:
+    """Scale the learning rate stored in a checkpoint's optimizer and scheduler states (which
+    the restore would otherwise put back over a changed lr)."""
+    for state in checkpoint.get("optimizer_states", []):
+        for group in state.get("param_groups", []):
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr"):
+            if key in sched:
+                sched[key] = [lr * ratio for lr in sched[key]]
