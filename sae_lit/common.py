@@ -161,7 +161,8 @@ def run_cli(main, argv=None):
     except Exception as e:
         if debug or _debugging():
             raise
-        sys.stderr.write(f"error: {error_message(e)} ({DEBUG_FLAG} shows the traceback)\n")
+        message = " ".join(error_message(e).split())  # one line, whatever the message's layout
+        sys.stderr.write(f"error: {message} ({DEBUG_FLAG} shows the traceback)\n")
         raise SystemExit(1) from None
     finally:
         if debug:

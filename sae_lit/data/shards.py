@@ -113,9 +113,9 @@ def check_manifest(manifest: dict, expected: dict, cache_dir) -> None:
         )
     diffs = [(k, manifest.get(k), expected[k]) for k in MATCH_KEYS if k in expected and manifest.get(k) != expected[k]]
     if diffs:
-        lines = "\n".join(f"  {k}: cache has {have!r}, config asks for {want!r}" for k, have, want in diffs)
+        listed = "; ".join(f"{k}: cache has {have!r}, config asks for {want!r}" for k, have, want in diffs)
         raise ManifestMismatchError(
-            f"The activation cache in {cache_dir} was built with a different configuration:\n{lines}\n"
+            f"The activation cache in {cache_dir} was built with a different configuration ({listed}). "
             f"Delete {cache_dir} to rebuild it, or set cache_dir to a new folder."
         )
 
