@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from sae_lit.common import atomic_path, remove_stale_temps, run_cli, write_json_atomic
+from sae_lit.common import atomic_path, remove_stale_temps, run_cli
 from sae_lit.data import shards as sh
 from sae_lit.data.corpus import make_corpus, pack_contexts, special_ids
 from sae_lit.data.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
@@ -200,7 +200,7 @@ def build_cache(
 def _build(cfg, corpus, expected, progress, subject, on_shard) -> BuildResult:
     cache_dir = Path(cfg.cache_dir)
     # Recorded before any shard, so a resumed build is checked against the config it started with.
-    write_json_atomic(cache_dir / sh.MANIFEST, {**expected, "complete": False})
+    sh.write_manifest(cache_dir, {**expected, "complete": False})
 
     device = resolve_device(cfg.device)
     if subject is None:
@@ -223,8 +223,7 @@ def _build(cfg, corpus, expected, progress, subject, on_shard) -> BuildResult:
         bar.close()
     seconds = time.perf_counter() - start
 
-    manifest = _finalize(cfg, expected, splits, tokenizer, forward, fingerprint)
-    write_json_atomic(cache_dir / sh.MANIFEST, manifest)
+    manifest = sh.write_manifest(cache_dir, _finalize(cfg, expected, splits, tokenizer, forward, fingerprint))
     log.info("activation cache complete: %s (%.0f tokens/s)", cache_dir, computed / max(seconds, 1e-9))
     bad = manifest["nonfinite_tokens"]
     if any(bad.values()):

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sae_lit.common import commit, discard, temp_name
+from sae_lit.common import commit, discard, temp_name, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -89,15 +89,40 @@ def config_fingerprint(expected: dict) -> str:
 # --- manifest ---------------------------------------------------------------------------------
 
 
+def manifest_checksum(manifest: dict) -> int:
+    """CRC32 of a manifest's content (every key but "crc32" itself)."""
+    return zlib.crc32(json.dumps({k: v for k, v in manifest.items() if k != "crc32"}, sort_keys=True).encode())
+
+
+def write_manifest(cache_dir: str | os.PathLike, manifest: dict) -> dict:
+    """Write manifest.json atomically with its checksum; "complete" stays the last key. Returns
+    what was written."""
+    body = {k: v for k, v in manifest.items() if k not in ("crc32", "complete")}
+    complete = bool(manifest.get("complete", False))
+    out = {**body, "crc32": manifest_checksum({**body, "complete": complete}), "complete": complete}
+    write_json_atomic(Path(cache_dir) / MANIFEST, out)
+    return out
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
         return None
+    remedy = (f"Delete {path} and run the build again: it is rebuilt from the shards (each checked against the "
+              f"config), or delete {cache_dir} to rebuild the whole cache.")
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{path} is not valid JSON ({e}); delete {cache_dir} to rebuild the cache.") from None
+        raise CacheError(f"{path} is not valid JSON ({e}). {remedy}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is not a manifest (a JSON object). {remedy}")
+    crc = manifest.get("crc32")
+    if crc is None and manifest.get("format_version", 1) != 1:
+        raise CacheError(f"{path} has no checksum (changed on disk or by hand). {remedy}")
+    if crc is not None and crc != manifest_checksum(manifest):
+        raise CacheError(f"{path} does not match its checksum (changed on disk or by hand). {remedy}")
+    return manifest
 
 
 def check_manifest(manifest: dict, expected: dict, cache_dir) -> None:

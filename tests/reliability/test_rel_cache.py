@@ -74,7 +74,8 @@ def test_lost_manifest_same_config_rebuilds_it_identically(copy):
 def test_old_format_cache_is_refused_with_what_to_do(copy):
     path = Path(copy["cache_dir"]) / "manifest.json"
     m = json.loads(path.read_text())
-    path.write_text(json.dumps(dict(m, format_version=1)))
+    old = {k: v for k, v in m.items() if k != "crc32"}  # format 1 had no checksum either
+    path.write_text(json.dumps(dict(old, format_version=1)))
     with pytest.raises(sh.ManifestMismatchError, match=r"format version 1.*Delete"):
         make_datamodule(copy, progress=False)
 
@@ -102,6 +103,19 @@ def test_shard_from_another_cache_is_caught_on_read(copy, tmp_path, reference):
 
 
 # --- flipped bytes, truncation ---------------------------------------------------------------------
+
+
+def test_edited_manifest_is_refused_and_rebuilt_from_the_shards(copy, reference):
+    path = Path(copy["cache_dir"]) / "manifest.json"
+    text = path.read_text()
+    i = text.index('"norm_scale": ') + len('"norm_scale": ') + 3
+    path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])  # one digit of norm_scale
+    with pytest.raises(sh.CacheError, match=r"manifest.json does not match its checksum.*rebuilt from the shards"):
+        make_datamodule(copy, progress=False)
+    path.unlink()
+    assert build_cache(CacheConfig(**copy), progress=False).tokens_computed == 0
+    assert cache_files(copy["cache_dir"]) == cache_files(reference["cache_dir"])
+
 
 
 @pytest.mark.parametrize("member", ["acts.npy", "tokens.npy", "meta.json", "check.json"])
@@ -280,7 +294,7 @@ def test_nonfinite_counts_survive_a_lost_manifest(tmp_path, reference, monkeypat
 
     def poisoned(self, ids):
         out = real(self, ids).clone()
-        out[ids == 5] = float("nan")
+        out[ids % 29 == 0] = float("nan")
         return out
 
     monkeypatch.setattr(cache_mod.HookedForward, "__call__", poisoned)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_cache_kwargs
-from faults import last_line, python, run, write_cache_config, write_fit_config
+from faults import MISTAKES, last_line, python, run, write_cache_config, write_fit_config
 from sae_lit.data.cache import CacheConfig, build_cache
 from sae_lit.data.cache import main as cache_main
 from sae_lit.training.cli import main
@@ -21,33 +21,6 @@ def config(tmp_path_factory, tiny_model_dir, tiny_corpus):
     kwargs = tiny_cache_kwargs(root / "cache", tiny_model_dir, tiny_corpus)
     build_cache(CacheConfig(**kwargs), progress=False)
     return write_fit_config(root / "fit.yaml", kwargs, root / "logs", max_steps=2)
-
-
-MISTAKES = [
-    # (flags, exit status, words the line must hold)
-    (["--data.init_args.batch_size", "abc"], 2, ["data.init_args.batch_size", "expected int", "'abc'"]),
-    (["--data.init_args.batch_size", "0"], 1, ["batch_size", "positive integer", "got 0"]),
-    (["--data.init_args.val_batch_size", "-3"], 1, ["val_batch_size", "got -3"]),
-    (["--model.sae.num_latnts", "3"], 2, ["unrecognized arguments", "num_latnts"]),
-    (["--model.lr_decay", "fast"], 2, ["model.lr_decay", "'none', 'linear', 'cosine'", "'fast'"]),
-    (["--model.sae.k", "many"], 2, ["model.sae.k", "expected int", "'many'"]),
-    (["--data", "nowhere.DataModule"], 2, ["data", "nowhere.DataModule", "No module named"]),
-    (["--data.init_args.cache.dtype", "float8"], 1, ["cache.dtype", "float16", "'float8'"]),
-    (["--data.init_args.cache.context_length", "1"], 1, ["cache.context_length", "at least 2", "got 1"]),
-    (["--data.init_args.cache.val_fraction", "1.5"], 1, ["cache.val_fraction", "1.5"]),
-    (["--data.init_args.cache.train_tokens", "2.5"], 2, ["data.init_args.cache.train_tokens", "expected int"]),
-    (["--data.init_args.cache.hookpoint", "resid_post.99", "--data.init_args.cache.cache_dir", "{tmp}/c"], 1,
-     ["hookpoint 'resid_post.99'", "4 blocks"]),
-    (["--data.init_args.cache.hookpoint", "model.layers.1.nope", "--data.init_args.cache.cache_dir", "{tmp}/c"], 1,
-     ["hookpoint 'model.layers.1.nope'", "module path"]),
-    (["--data.init_args.cache.model", "/no/such/model", "--data.init_args.cache.cache_dir", "{tmp}/c"], 1,
-     ["model '/no/such/model' does not exist", "hub id"]),
-    (["--data.init_args.cache.corpus", "/no/such.jsonl", "--data.init_args.cache.cache_dir", "{tmp}/c"], 1,
-     ["corpus", "/no/such.jsonl", "does not exist"]),
-    (["--config", "/no/such.yaml"], 2, ["config", "/no/such.yaml"]),
-    (["--ckpt_path", "/no/such.ckpt"], 1, ["ckpt_path", "/no/such.ckpt", "does not exist"]),
-    (["--data.init_args.cache.hookpoint", "resid_post.2"], 1, ["hookpoint: cache has 'resid_post.1'", "Delete"]),
-]
 
 
 @pytest.mark.parametrize("flags,status,words", MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
