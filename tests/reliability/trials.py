@@ -35,6 +35,7 @@ def cache_reference(workdir, cache_kwargs) -> tuple[dict, float]:
     """Build the reference cache in a subprocess: (its files, seconds from the build's start -
     its first manifest - to the end)."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(cache_kwargs, cache_dir=str(workdir / "reference"))
     cfg = write_cache_config(workdir / "reference.yaml", kwargs)
     proc = start(python(*CACHE_CMD, cfg))
@@ -53,6 +54,7 @@ def cache_kill_trial(workdir, cache_kwargs, reference: dict, when: str, build_se
     "finalize" (every shard on disk: statistics / manifest being written), "random" (a uniform
     moment of the build)."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     cache_dir = workdir / "cache"
     kwargs = dict(cache_kwargs, cache_dir=str(cache_dir))
     cfg = write_cache_config(workdir / "cache.yaml", kwargs)
@@ -100,6 +102,7 @@ def _steps_saved(root) -> int:
 def train_reference(workdir, cache_kwargs, max_steps: int = 40) -> tuple[dict, float, Path]:
     """The uninterrupted run: (exported files, seconds from its first checkpoint to the end, config)."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "straight"
     config = write_fit_config(workdir / "fit.yaml", cache_kwargs, root, max_steps=max_steps, every=1, save_top_k=-1)
     proc = start(python("main.py", "fit", "--config", config))
@@ -116,6 +119,7 @@ def train_kill_trial(workdir, config, reference: dict, when: str, seconds: float
     is on disk; "random": a uniform moment after the first checkpoint), resume from last.ckpt
     (or start again if there is none) and compare the exported SAE with the reference."""
     root = Path(workdir) / "run"
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     args = ("main.py", "fit", "--config", config, f"--trainer.default_root_dir={root}")
     kind, _, arg = when.partition(":")
     proc = start(python(*args))
@@ -154,6 +158,7 @@ def _loads(path) -> bool:
 def disk_full_cache_trial(workdir, cache_kwargs, reference: dict, size_kb: int) -> dict:
     """Build the cache on a tmpfs of `size_kb`; grow the disk; build again; compare."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     mnt, out = workdir / "mnt", workdir / "out"
     kwargs = dict(cache_kwargs, cache_dir=str(mnt / "cache"))
     cfg = write_cache_config(workdir / "cache.yaml", kwargs)
@@ -188,6 +193,7 @@ def disk_full_train_trial(workdir, cache_kwargs, reference: dict, size_kb: int, 
     """Train with the run folder on a tmpfs of `size_kb` (a checkpoint every step, all kept, no
     logger), grow the disk, resume from last.ckpt, compare the export with the reference."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     mnt, out = workdir / "mnt", workdir / "out"
     config = write_fit_config(workdir / "fit_tmpfs.yaml", cache_kwargs, mnt / "run", max_steps=max_steps, every=1,
                               logger=False, save_top_k=-1)
@@ -229,6 +235,7 @@ def concurrent_builders_trial(workdir, cache_kwargs, reference: dict, builders: 
     """`builders` processes build one cache folder at once: one computes, the others wait on
     the lock and find it complete; the cache equals the reference."""
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(cache_kwargs, cache_dir=str(workdir / "shared"))
     cfg = write_cache_config(workdir / "shared.yaml", kwargs)
     procs = [subprocess.Popen(python("-m", "sae_lit.data.cache", "--quiet", "--config", cfg), cwd=ROOT, env=env(),
