@@ -38,7 +38,8 @@ import trials  # noqa: E402
 from conftest import build_tiny_model, build_tiny_tokenizer, make_texts, sae_module, tiny_cache_kwargs  # noqa: E402
 from sae_lit.data import cache as cache_mod  # noqa: E402
 from sae_lit.data import shards as sh  # noqa: E402
-from sae_lit.data.cache import CacheConfig, build_cache, verify_cache  # noqa: E402
+from sae_lit.data.cache import CacheConfig, build_cache  # noqa: E402
+from sae_lit.data.integrity import verify_cache  # noqa: E402
 
 
 @dataclasses.dataclass

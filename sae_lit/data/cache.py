@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import itertools
 import logging
 import math
-import os
 import time
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +28,7 @@ import torch
 
 from sae_lit.common import atomic_path, remove_stale_temps, run_cli
 from sae_lit.data import shards as sh
+from sae_lit.data.integrity import build_lock, existing_shard, nonfinite_shards, verify_cache
 from sae_lit.data.corpus import make_corpus, pack_contexts, special_ids
 from sae_lit.data.subject import HookedForward, canonical_model, hub_name, load_model, load_tokenizer, resolve_device
 
@@ -144,16 +141,6 @@ def missing_shards(cache_dir, manifest: dict) -> list[str]:
     ]
 
 
-def nonfinite_shards(manifest: dict) -> dict[str, int]:
-    """{shard file: tokens with NaN / Inf activations} over both splits (empty for a clean cache)."""
-    return {
-        s["file"]: sum(len(v) for v in s.get("nonfinite", {}).values())
-        for split in manifest.get("splits", {}).values()
-        for s in split["shards"]
-        if s.get("nonfinite")
-    }
-
-
 def cache_is_complete(cfg: CacheConfig, fingerprint: str | None = None) -> bool:
     """True if cache_dir holds a finished cache for this config; raises if it holds another's."""
     manifest = sh.read_manifest(cfg.cache_dir)
@@ -235,26 +222,6 @@ def _build(cfg, corpus, expected, progress, subject, on_shard) -> BuildResult:
     return BuildResult(manifest, seconds, computed)
 
 
-LOCK_FILE = ".lock"
-
-
-@contextmanager
-def build_lock(cache_dir: Path):
-    """An exclusive fcntl lock on `<cache_dir>/.lock` for the duration of a build: a second
-    builder on the same folder (another process, another node on a shared filesystem) waits
-    instead of computing every shard again. Released by the OS if the holder dies."""
-    fd = os.open(Path(cache_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another process is building the activation cache in %s; waiting for it to finish", cache_dir)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -270,7 +237,7 @@ def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, 
         if not batch:
             break
         path = Path(cfg.cache_dir) / sh.shard_name(split, index)
-        nonfinite = _existing_shard(path, split, first, len(batch), cfg, fingerprint) if path.exists() else None
+        nonfinite = existing_shard(path, split, first, len(batch), cfg.context_length, cfg.dtype, fingerprint, cfg.cache_dir) if path.exists() else None
         if nonfinite is None:
             nonfinite = _write_shard(path, split, first, batch, forward, device, cfg, bar, fingerprint)
             computed += len(batch) * T
@@ -294,38 +261,6 @@ def _write_split(cfg, split, n_blocks, corpus, tokenizer, forward, device, bar, 
     return {"tokens": first * T, "blocks": first, "nonfinite_tokens": n_bad, "shards": shards}, computed
 
 
-def _existing_shard(path, split, first, n_blocks, cfg, fingerprint) -> dict | None:
-    """A shard already on disk (a resumed build, or a cache whose manifest was lost): refused if
-    another config produced it, rebuilt (None) if damaged, else kept: returns its non-finite
-    rows. It is read in full, which also checks every checksum."""
-    try:
-        key, config = sh.shard_provenance(str(path))
-    except sh.CorruptShardError as e:
-        log.warning("rebuilding %s: %s", path, e)
-        return None
-    if config != fingerprint:
-        made = "by a version of sae_lit without provenance records" if config is None else f"for config {config}"
-        raise sh.ManifestMismatchError(
-            f"{path} was built {made}, not for this configuration ({fingerprint}): the folder holds another "
-            f"cache, and its manifest.json is gone or out of date. Delete {cfg.cache_dir} to rebuild it, or set "
-            f"cache_dir to a new folder."
-        )
-    try:
-        if key != sh.block_key(split, first):
-            raise sh.CorruptShardError(path, f"it starts with block {key}, not {sh.block_key(split, first)}")
-        nonfinite = {}
-        for block in sh.iter_shard(str(path), n_blocks, first_block=first, config=fingerprint):
-            if block.acts.ndim != 2 or block.acts.shape[0] != cfg.context_length:
-                raise sh.CorruptShardError(path, f"block {block.key} has acts of shape {block.acts.shape}")
-            bad = np.flatnonzero(~sh.finite_rows(block.acts, cfg.dtype))
-            if len(bad):
-                nonfinite[str(block.index)] = bad.tolist()
-        return nonfinite
-    except sh.CorruptShardError as e:
-        log.warning("rebuilding %s: %s", path, e)
-        return None
-
-
 def _write_shard(path, split, first, batch, forward, device, cfg, bar, fingerprint) -> dict:
     """Run one shard's contexts through the model and write it; returns its non-finite rows
     {block index: [positions]} (NaN from the model, or values beyond float16's range)."""
@@ -342,9 +277,9 @@ def _write_shard(path, split, first, batch, forward, device, cfg, bar, fingerpri
                 head = ctx.docs[0]
                 meta = {"doc_id": head["id"], "source": head["source"], "offset": head["offset"], "docs": ctx.docs}
                 writer.add(sh.block_key(split, first + lo + j), row, ctx.tokens, meta)
-                bad = np.flatnonzero(~sh.finite_rows(row, cfg.dtype))
-                if len(bad):
-                    nonfinite[str(first + lo + j)] = bad.tolist()
+                bad = sh.nonfinite_positions(row, cfg.dtype)
+                if bad:
+                    nonfinite[str(first + lo + j)] = bad
             bar.update(len(acts) * cfg.context_length)
     except BaseException:
         writer.abort()
@@ -427,67 +362,14 @@ def _finalize(cfg, expected, splits, tokenizer, forward, fingerprint) -> dict:
         "median_norm": median_norm,
         "outlier_threshold": threshold if math.isfinite(threshold) else None,
         "outlier_fraction": float(1 - inliers.mean()),
-        "sample": {"file": "sample.npy", "tokens": int(len(sample)), "crc32": _file_crc32(cache_dir / "sample.npy")},
+        "sample": {"file": "sample.npy", "tokens": int(len(sample)), "crc32": sh.file_crc32(cache_dir / "sample.npy")},
         "complete": True,  # last key: readers trust nothing else until it is there
     }
-
-
-def _file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
-
-
-# --- checking a cache ------------------------------------------------------------------------
-
-
-def verify_cache(cache_dir: str | os.PathLike, progress: bool = False) -> tuple[dict, list[tuple[str, str]]]:
-    """Re-read every shard of the cache in `cache_dir` in full - structure, block sequence,
-    shapes, checksums, the config fingerprint of each block, the non-finite counts the manifest
-    records - and sample.npy's checksum. Returns (the manifest, [(file, problem)]); no problems
-    means every byte the data module will read is as written."""
-    cache_dir = Path(cache_dir)
-    manifest = sh.read_manifest(cache_dir)
-    if manifest is None:
-        raise sh.CacheError(f"{cache_dir} holds no {sh.MANIFEST}: not an activation cache (or its build never started).")
-    sh.check_manifest(manifest, {"format_version": sh.FORMAT_VERSION}, cache_dir)
-    problems = []
-    if not manifest.get("complete"):
-        return manifest, [(sh.MANIFEST, "the build has not finished (complete: false); run it again to finish")]
-    fingerprint = manifest["config_fingerprint"]
-    if sh.config_fingerprint(manifest) != fingerprint:
-        problems.append((sh.MANIFEST, "its configuration keys do not match its config_fingerprint (edited by hand?)"))
-    shape = (int(manifest["context_length"]), int(manifest["d_in"]))
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    bar = _progress_bar(len(shards), progress)
-    for s in shards:
-        url = str(cache_dir / s["file"])
-        try:
-            nonfinite = {}
-            for block in sh.iter_shard(url, s["blocks"], shape, first_block=s["first_block"], config=fingerprint):
-                bad = np.flatnonzero(~sh.finite_rows(block.acts, manifest["dtype"]))
-                if len(bad):
-                    nonfinite[str(block.index)] = bad.tolist()
-            if nonfinite != s.get("nonfinite", {}):
-                problems.append((s["file"], f"non-finite rows {nonfinite} differ from the manifest's {s.get('nonfinite', {})}"))
-        except sh.CorruptShardError as e:
-            problems.append((s["file"], e.reason))
-        bar.update(1)
-    bar.close()
-    sample = manifest["sample"]
-    path = cache_dir / sample["file"]
-    if not path.exists():
-        problems.append((sample["file"], "missing"))
-    elif _file_crc32(path) != sample["crc32"]:
-        problems.append((sample["file"], "does not match its checksum"))
-    return manifest, problems
 
 
 # --- command line ----------------------------------------------------------------------------

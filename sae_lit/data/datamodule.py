@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from sae_lit.data import shards as sh
-from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete, nonfinite_shards
+from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
+from sae_lit.data.integrity import nonfinite_shards
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
 from sae_lit.data.subject import hookpoint_info, hub_name
 

@@ -178,6 +178,19 @@ def finite_rows(arr: np.ndarray, dtype: str) -> np.ndarray:
     return np.isfinite(arr).all(-1)
 
 
+def nonfinite_positions(arr: np.ndarray, dtype: str) -> list[int]:
+    """Positions of the rows of a block's storage array that hold a NaN or an Inf."""
+    return np.flatnonzero(~finite_rows(arr, dtype)).tolist()
+
+
+def file_crc32(path: str | os.PathLike) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)

@@ -14,7 +14,6 @@ How data is divided between processes:
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator

@@ -42,10 +42,14 @@ class SAECLI(LightningCLI):
         if not ckpt or ckpt in _CKPT_KEYWORDS or ckpt.startswith("registry:"):
             return super()._parse_ckpt_path()
         if "://" not in ckpt and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"ckpt_path {ckpt!r} does not exist (a .ckpt file, e.g. <log_dir>/checkpoints/last.ckpt).")
+            raise FileNotFoundError(
+                f"ckpt_path {ckpt!r} does not exist (a .ckpt file, e.g. <log_dir>/checkpoints/last.ckpt)."
+            )
         asked = flatten(self.config[sub].model.clone().as_dict())
         defaults = flatten(self._parser(sub).get_defaults().get("model").as_dict())
-        given = {a.split("=", 1)[0][len("--model."):].replace("init_args.", "") for a in self._argv if a.startswith("--model.")}
+        given = {
+            a.split("=", 1)[0][len("--model."):].replace("init_args.", "") for a in self._argv if a.startswith("--model.")
+        }
         explicit = {k for k, v in asked.items() if k in given or v != defaults.get(k)} - {"sae.d_in"}  # d_in: linked
         super()._parse_ckpt_path()
         model = self.config[sub].model

@@ -18,7 +18,8 @@ from faults import (HOSTILE_NAMES, cache_files, flip_byte, member_span, npy_payl
                     with_hostile_member)
 from sae_lit.data import cache as cache_mod
 from sae_lit.data import shards as sh
-from sae_lit.data.cache import CacheConfig, build_cache, main, verify_cache
+from sae_lit.data.cache import CacheConfig, build_cache, main
+from sae_lit.data.integrity import verify_cache
 
 
 @pytest.fixture(scope="module")

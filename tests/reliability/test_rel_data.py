@@ -6,14 +6,14 @@ import itertools
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import make_datamodule, tiny_cache_kwargs
 from sae_lit.data import cache as cache_mod
 from sae_lit.data import shards as sh
-from sae_lit.data.cache import CacheConfig, build_cache, verify_cache
+from sae_lit.data.cache import CacheConfig, build_cache
+from sae_lit.data.integrity import verify_cache
 from sae_lit.data.streams import RowFilter, batch_sizes
 from sae_lit.training.metrics import NMSE
 
