@@ -168,9 +168,15 @@ class SAEModule(L.LightningModule):
 
     def on_before_backward(self, loss: Tensor) -> None:
         # Before backward, so no NaN reaches the weights or a checkpoint (one host sync a step).
-        if not torch.isfinite(loss):
+        # Every rank decides together: a rank stopping alone would leave the others waiting in
+        # the gradient all-reduce.
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             raise FloatingPointError(
-                f"train/loss is {loss.item()} at step {self.global_step}: training stopped before the weights were "
+                f"train/loss is {loss.item() if not torch.isfinite(loss) else 'not finite on another rank'} at step "
+                f"{self.global_step}: training stopped before the weights were "
                 f"updated. Non-finite input activations (see the cache manifest's nonfinite_tokens) or a learning rate "
                 f"too high (lr={self.lr:.3g}) cause this; resume from the last checkpoint with a lower --model.lr."
             )
