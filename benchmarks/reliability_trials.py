@@ -48,6 +48,7 @@ class Row:
     outcome: str  # what every trial must end in
     lost: str  # data lost when it does
     results: list = dataclasses.field(default_factory=list)  # per trial: ("ok" | "silently wrong" | "failed", note)
+    detail: str = ""  # where the faults landed, for the notes under the table
 
     def add(self, kind: str, note: str = "") -> None:
         self.results.append((kind, note))
@@ -76,20 +77,35 @@ def tiny_world(root: Path) -> dict:
 # --- process trials: kill -9, a full disk, two builders ---------------------------------------------------
 
 
+def _kind(r: dict) -> str:
+    """A kill trial: ok (interrupted, resumed to identical bytes), failed (the resumed command
+    failed, or the kill came too late to interrupt anything), silently wrong (it finished but
+    differs)."""
+    if r["outcome"] == "identical" and r["interrupted"]:
+        return "ok"
+    return "failed" if r["resumed_rc"] or not r["interrupted"] else "silently wrong"
+
+
 def kill_caching(world, root, n, rng) -> Row:
-    row = Row("kill -9 while caching (at a shard boundary, inside a shard write, during the final statistics, "
-              "or at a random moment), then the same command again",
+    row = Row("kill -9 while caching (model loading, at a shard boundary, inside a shard write, during the final "
+              "statistics, or at a random moment), then the same command again",
               "resumed; every file (shards, sample.npy, manifest.json) byte-identical to an uninterrupted build",
               "none (the shard being written is redone)")
     files, seconds = trials.cache_reference(root, world["large"])
     n_shards = len([f for f in files if f.endswith(".tar")])
-    points = ["shards:1", "temp:2", f"temp:{n_shards // 2}", "finalize", f"shards:{n_shards - 3}"]
+    points = ["start", "shards:1", "temp:2", f"temp:{n_shards // 2}", "finalize", f"shards:{n_shards - 3}"]
     points += [f"temp:{rng.randrange(n_shards)}" if i % 2 else "random" for i in range(max(0, n - len(points)))]
     for i, when in enumerate(points[:n]):
-        r = trials.cache_kill_trial(root, world["large"], files, when, seconds, seed=i)
-        ok = r["outcome"] == "identical" and r["interrupted"]
-        row.add("ok" if ok else ("failed" if r["resumed_rc"] else "silently wrong"), json.dumps(r))
+        for attempt in range(4):  # a random moment after the process ended is no trial: draw again
+            r = trials.cache_kill_trial(root, world["large"], files, when, seconds, seed=100 * attempt + i)
+            if r["interrupted"]:
+                break
+        row.add(_kind(r), json.dumps(r))
         _log(f"kill caching {when}: {r['outcome']} ({r['shards_at_kill']} shards, {r['temps_at_kill']} temp at kill)")
+    records = [json.loads(n) for _, n in row.results]
+    row.detail = (f"kill -9 while caching: moments {', '.join(r['when'] for r in records)}; shards complete on disk at "
+                  f"the kill (of {n_shards}): {', '.join(str(r['shards_at_kill']) for r in records)}; a shard half "
+                  f"written at the kill in {sum(r['temps_at_kill'] > 0 for r in records)} trials.")
     return row
 
 
@@ -102,10 +118,16 @@ def kill_training(world, root, n, rng) -> Row:
     files, seconds, config = trials.train_reference(root / "train", cache, max_steps=40)
     points = ["step:1", "step:20", "step:39"] + [f"step:{rng.randint(2, 38)}" if i % 3 else "random" for i in range(n)]
     for i, when in enumerate(points[:n]):
-        r = trials.train_kill_trial(root / "train", config, files, when, seconds, seed=i)
-        ok = r["outcome"] == "identical" and r["interrupted"]
-        row.add("ok" if ok else ("failed" if r["resumed_rc"] else "silently wrong"), json.dumps(r))
+        for attempt in range(4):
+            r = trials.train_kill_trial(root / "train", config, files, when, seconds, seed=100 * attempt + i)
+            if r["interrupted"]:
+                break
+        row.add(_kind(r), json.dumps(r))
         _log(f"kill training {when}: {r['outcome']} (step {r['step_at_kill']} on disk at kill)")
+    records = [json.loads(n) for _, n in row.results]
+    row.detail = (f"kill -9 while training (40 steps, a checkpoint every step): moments "
+                  f"{', '.join(r['when'] for r in records)}; last checkpointed step at the kill: "
+                  f"{', '.join(str(r['step_at_kill']) for r in records)}.")
     return row, files
 
 
@@ -596,6 +618,8 @@ def render(rows: list[Row], args, tmpfs: bool, seconds: float) -> str:
         "  `python -m sae_lit.data.cache --verify` (its function) must name the file, or every block read",
         "  back must equal the original.",
         "- Concurrent builders: two processes started together on one empty folder.",
+        "",
+        *[f"- {r.detail}" for r in rows if r.detail],
         "",
         "## Commands",
         "",

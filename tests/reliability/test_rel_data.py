@@ -160,3 +160,25 @@ def test_nmse_metric_is_a_ratio_of_sums_over_uneven_batches():
     xd = x.double()
     brute = ((xd - x_hat.double()) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
     assert float(m.compute()) == pytest.approx(float(brute), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_validation_equals_one_process(clean, tmp_path):
+    """Real DDP (2 CPU processes, gloo): a val batch that divides nothing, every rank the same
+    number of steps, and the reduced split metrics equal to one process's."""
+    import lightning as L
+
+    from conftest import sae_module
+
+    def validate(devices):
+        L.seed_everything(0)
+        model = sae_module(d_in=32, num_latents=64, k=4, dead_tokens=256)
+        dm = _dm(clean, val_batch_size=7)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        return trainer.validate(model, dm, verbose=False)[0]
+
+    one, two = validate(1), validate(2)
+    for key in ("val/nmse", "val/l0", "val/dead_frac"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key

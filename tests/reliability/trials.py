@@ -31,15 +31,20 @@ def _temps(cache_dir, prefix: str = "") -> list[str]:
 # --- kill -9 while caching -----------------------------------------------------------------------
 
 
+def _computing(cache_dir) -> bool:
+    """The model has started on the first shard (its temporary file, or the shard, exists)."""
+    return bool(_temps(cache_dir, "train-000000") or _shards(cache_dir))
+
+
 def cache_reference(workdir, cache_kwargs) -> tuple[dict, float]:
-    """Build the reference cache in a subprocess: (its files, seconds from the build's start -
-    its first manifest - to the end)."""
+    """Build the reference cache in a subprocess: (its files, seconds from the start of the
+    first shard to the end)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(cache_kwargs, cache_dir=str(workdir / "reference"))
     cfg = write_cache_config(workdir / "reference.yaml", kwargs)
     proc = start(python(*CACHE_CMD, cfg))
-    wait_for(lambda: (Path(kwargs["cache_dir"]) / "manifest.json").exists(), proc)
+    wait_for(lambda: _computing(kwargs["cache_dir"]), proc)
     t0 = time.monotonic()
     _, err = proc.communicate()
     if proc.returncode != 0:
@@ -50,9 +55,10 @@ def cache_reference(workdir, cache_kwargs) -> tuple[dict, float]:
 def cache_kill_trial(workdir, cache_kwargs, reference: dict, when: str, build_seconds: float = 1.0,
                      seed: int = 0) -> dict:
     """Start a cache build, kill -9 it at `when`, build again; compare every file with the
-    reference. when: "shards:K" (K shards on disk), "temp:K" (shard K half written),
-    "finalize" (every shard on disk: statistics / manifest being written), "random" (a uniform
-    moment of the build)."""
+    reference. when: "start" (the build has begun: manifest written, model loading),
+    "shards:K" (K shards on disk), "temp:K" (shard K half written), "finalize" (every shard on
+    disk: statistics / manifest being written), "random" (a uniform moment from the first
+    shard to the end)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cache_dir = workdir / "cache"
@@ -68,9 +74,11 @@ def cache_kill_trial(workdir, cache_kwargs, reference: dict, when: str, build_se
         reached = wait_for(lambda: bool(_temps(cache_dir, name)), proc)
     elif kind == "finalize":
         reached = wait_for(lambda: len(_shards(cache_dir)) >= n_shards, proc)
-    else:
+    elif kind == "start":
         reached = wait_for(lambda: (cache_dir / "manifest.json").exists(), proc)
-        time.sleep(random.Random(seed).uniform(0, build_seconds))
+    else:
+        reached = wait_for(lambda: _computing(cache_dir), proc)
+        time.sleep(random.Random(seed).uniform(0, 0.9 * build_seconds))
     interrupted = kill9(proc)
     state = {"shards_at_kill": len(_shards(cache_dir)), "temps_at_kill": len(_temps(cache_dir))}
     resumed = run(python(*CACHE_CMD, cfg))
