@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(args.device)
     d_model = hookpoint_info(args.model, args.hookpoint)[1]
-    subject_dtype = resolve_subject_dtype(args.subject_dtype, device, d_model)
+    subject_dtype = resolve_subject_dtype(args.subject_dtype, device, d_model, args.model)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, device, subject_dtype), load_tokenizer(args.model)
     print(f"model load: {time.perf_counter() - t0:.1f} s ({args.model} on {device} in {subject_dtype}, "

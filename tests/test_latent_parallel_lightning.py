@@ -104,7 +104,7 @@ def _joined(root: Path, when: str, shards=2) -> dict:
     out = {}
     for name, first in parts[0].items():
         if first.dim() >= 1 and name.startswith(("sae.W_", "sae.b_enc", "ema.W_", "ema.b_enc", "weight_ema.avg_W",
-                                                 "weight_ema.avg_b_enc", "tokens_since_fired")):
+                                                 "weight_ema.avg_b_enc", "tokens_since_fired", "fire_counts")):
             out[name] = torch.cat([p[name] for p in parts])
         else:
             out[name] = first
@@ -142,10 +142,14 @@ def test_exports_equal_the_one_process_export(runs, tmp_path):
     for name in single:
         torch.testing.assert_close(got[name], single[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert json.loads((live / "cfg.json").read_text()) == json.loads((runs / "single" / "sae" / "cfg.json").read_text())
+    # The firing densities over training, gathered from the shards.
+    torch.testing.assert_close(load_file(live / "sparsity.safetensors")["sparsity"],
+                               load_file(runs / "single" / "sae" / "sparsity.safetensors")["sparsity"])
     # From the checkpoint folder, shard by shard: the same file as the live export.
     out = export_checkpoint(str(runs / "straight" / "ckpt" / "epoch=0-step=20.ckpt"), str(tmp_path / "from_ckpt"))
     assert (out / "sae_weights.safetensors").read_bytes() == (live / "sae_weights.safetensors").read_bytes()
     assert (out / "cfg.json").read_text() == (live / "cfg.json").read_text()
+    assert (out / "sparsity.safetensors").read_bytes() == (live / "sparsity.safetensors").read_bytes()
 
 
 def test_more_replicas_resume_a_sharded_checkpoint(runs):

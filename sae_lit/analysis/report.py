@@ -19,7 +19,7 @@ from jsonargparse import ArgumentParser
 
 from sae_lit.analysis import fits
 from sae_lit.analysis.sweep import read_sweep, read_table
-from sae_lit.common import fmt, log_axes, save_figure, write_text_atomic
+from sae_lit.common import fmt, log_axes, one_line_errors, run_cli, save_figure, write_text_atomic
 
 L1_FAMILIES = ("relu", "prolu", "gated")
 LABEL = {"topk": "TopK", "relu": "ReLU+L1", "prolu": "ProLU", "gated": "Gated", "batchtopk": "BatchTopK",
@@ -436,7 +436,7 @@ def reproduction_report(sweep: str, out: str = "reports") -> Path:
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
+    p = one_line_errors(ArgumentParser)(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
     p.add_function_arguments(reproduction_report, as_group=False)
     return p
 
@@ -446,4 +446,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

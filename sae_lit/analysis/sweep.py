@@ -41,7 +41,7 @@ import torch
 import yaml
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from sae_lit.common import atomic_path, write_json_atomic
+from sae_lit.common import atomic_path, one_line_errors, run_cli, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def command(config: str, root: str | None = None, only: list[str] | None = None,
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
+    p = one_line_errors(ArgumentParser)(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
     p.add_function_arguments(command, skip={"only", "dry_run", "collect"}, as_group=False)
     # Spelled as they always were: `--only A B`, and bare flags (a bool parameter would want
     # `--dry_run true`). `--config` is the sweep file, not a config file of this command.
@@ -392,4 +392,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import multiprocessing
+import zlib
 from typing import Iterator
 
 import lightning as L
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from sae_lit.common import data_rank
 from sae_lit.data import shards as sh
 from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
+from sae_lit.data.integrity import nonfinite_shards
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
 from sae_lit.data.hookpoints import TAP, tl_hook_name
 from sae_lit.data.subject import hookpoint_info, hub_name
@@ -39,6 +41,7 @@ class ActivationDataModule(L.LightningDataModule):
         exclude_bos: bool = True,
         exclude_outliers: bool = True,
         skip_corrupt_shards: bool = False,
+        drop_nonfinite: bool = False,
         seed: int = 0,
         progress: bool = True,
     ):
@@ -52,11 +55,22 @@ class ActivationDataModule(L.LightningDataModule):
             exclude_bos: drop each context's BOS position from train/val batches (kept in the cache).
             exclude_outliers: drop tokens with norm > outlier_factor x the median norm (massive
                 activations, kept in the cache) from train/val batches and init_sample.
-            skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
+            skip_corrupt_shards: skip (and count) unreadable shards - damaged, truncated, failing
+                their checksums - instead of raising.
+            drop_nonfinite: leave out tokens whose cached activation holds a NaN or an Inf (a
+                warning gives their count). By default a cache with any is refused, naming the
+                shards: training on them gives a NaN SAE.
             seed: seeds the training stream's shard order and shuffling.
             progress: show the cache-building progress bar.
         """
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                   ("shuffle_buffer", shuffle_buffer, 0), ("num_workers", num_workers, 0)):
+            if value is None and name == "val_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                want = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{name} must be {want}, got {value!r}.")
         cfg = CacheConfig(**cache) if isinstance(cache, dict) else cache  # a mapping: sweeps, evaluate
         cache = dataclasses.asdict(cfg)  # saved as plain values (save_hyperparameters reads this frame)
         self.save_hyperparameters()
@@ -64,7 +78,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
         self.exclude_bos, self.exclude_outliers = exclude_bos, exclude_outliers
-        self.skip_corrupt_shards, self.seed = skip_corrupt_shards, seed
+        self.skip_corrupt_shards, self.drop_nonfinite, self.seed = skip_corrupt_shards, drop_nonfinite, seed
         self.progress = progress
         self._skipped: set[str] = set()
         self._worker_skips = None  # shared counter, created when worker processes are used
@@ -117,8 +131,24 @@ class ActivationDataModule(L.LightningDataModule):
                 f"{cache_dir}/manifest.json says d_in={manifest['d_in']} but the model config gave {self.d_in} for "
                 f"hookpoint {self.cache_config.hookpoint!r}; the SAE would be built with the wrong width."
             )
+        self._check_nonfinite(manifest)
         self.manifest = manifest
         return manifest
+
+    def _check_nonfinite(self, manifest: dict) -> None:
+        bad = nonfinite_shards(manifest)
+        if not bad:
+            return
+        cache_dir = self.cache_config.cache_dir
+        listed = ", ".join(f"{f} ({n})" for f, n in sorted(bad.items())[:5]) + (", ..." if len(bad) > 5 else "")
+        total = sum(bad.values())
+        if not self.drop_nonfinite:
+            raise sh.CacheError(
+                f"{total} cached tokens in {cache_dir} have NaN/Inf activations, in {listed}; training on them gives a "
+                f"NaN SAE. Set drop_nonfinite=True (data.init_args.drop_nonfinite) to leave them out, or rebuild the "
+                f"cache (dtype bfloat16 if float16 overflowed)."
+            )
+        log.warning("leaving out %d tokens with NaN/Inf activations (drop_nonfinite), in %s", total, listed)
 
     def ensure_manifest(self) -> dict:
         """The complete cache's manifest (read and checked against this config on first use)."""
@@ -129,15 +159,21 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _shards(self, split: str) -> list[ShardRef]:
         root = self.cache_config.cache_dir
+        manifest = self.ensure_manifest()
         return [
-            ShardRef(sh.join(root, s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
-            for s in self.ensure_manifest()["splits"][split]["shards"]
+            ShardRef(
+                sh.join(root, s["file"]), s["blocks"], s["first_block"],
+                tuple(s["inliers"]) if "inliers" in s else None,
+                tuple(sorted((int(i), tuple(pos)) for i, pos in s.get("nonfinite", {}).items())),
+                manifest["config_fingerprint"],
+            )
+            for s in manifest["splits"][split]["shards"]
         ]
 
     def _row_filter(self) -> RowFilter:
         manifest = self.ensure_manifest()
         threshold = manifest.get("outlier_threshold") if self.exclude_outliers else None
-        return RowFilter(manifest["dtype"], self.exclude_bos, threshold)
+        return RowFilter(manifest["dtype"], self.exclude_bos, threshold, self.drop_nonfinite)
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -217,14 +253,19 @@ class ActivationDataModule(L.LightningDataModule):
         all train shards."""
         manifest = self.ensure_manifest()
         if n <= manifest["sample"]["tokens"]:
-            sample = sh.read_bytes(sh.join(self.cache_config.cache_dir, manifest["sample"]["file"]))
-            return sh.decode_acts(np.load(io.BytesIO(sample), allow_pickle=False)[:n], manifest["dtype"])
-        rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"))
+            sample_file = sh.join(self.cache_config.cache_dir, manifest["sample"]["file"])
+            data = sh.read_bytes(sample_file)
+            if zlib.crc32(data) != manifest["sample"]["crc32"]:
+                raise sh.CorruptShardError(sample_file, "it does not match its checksum")
+            sample = np.load(io.BytesIO(data), allow_pickle=False)
+            return sh.decode_acts(sample[:n], manifest["dtype"])
+        # Never a NaN in the init sample (a NaN b_dec poisons everything after).
+        rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"), drop_nonfinite=True)
         available = manifest["splits"]["train"]["blocks"] * (self.cache_config.context_length - 1)
         stride = max(1, available // n)
         parts, have = [], 0
         for shard in self._shards("train"):
-            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+            for block in shard.read(self._shape):
                 picked = rows(block.acts)[block.index % stride :: stride]
                 parts.append(picked)
                 have += len(picked)
@@ -237,10 +278,12 @@ class ActivationDataModule(L.LightningDataModule):
 
     def iter_blocks(self, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All blocks of a split in order as (tokens [T] int64, acts [T, d_in] float32), BOS
-        included - for evaluations that need the text (downstream loss, probes, dashboards)."""
+        included - for evaluations that need the text (downstream loss, probes, dashboards).
+        With drop_nonfinite, a block holding NaN / Inf is left out whole (its text stays intact)."""
         dtype = self.ensure_manifest()["dtype"]
         for shard in self._shards(split):
-            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+            bad = {i for i, _ in shard.nonfinite} if self.drop_nonfinite else set()
+            for block in shard.read(self._shape, keep=lambda i, bad=bad: i not in bad):
                 yield torch.from_numpy(block.tokens.astype(np.int64)), sh.decode_acts(block.acts, dtype)
 
     def export_metadata(self) -> dict:

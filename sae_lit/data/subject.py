@@ -63,6 +63,15 @@ def canonical_model(spec: str) -> str:
     return spec
 
 
+MODEL_SPECS = "a local folder (save_pretrained), a .gguf file, a hub id 'org/name', or 'smollm2-135m' (embedded)"
+
+
+def looks_like_path(spec: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, a leading '.' / '~' or a
+    .gguf suffix can only be a local path."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec or spec.endswith(".gguf")
+
+
 def _pretrained_args(spec: str) -> tuple[str, dict]:
     """(name_or_path, extra kwargs) for the transformers `from_pretrained` calls."""
     spec = canonical_model(spec)
@@ -70,11 +79,25 @@ def _pretrained_args(spec: str) -> tuple[str, dict]:
         path = embedded_model_file()
         return str(path.parent), {"gguf_file": path.name}
     p = Path(spec)
+    if not p.exists() and looks_like_path(spec):
+        raise FileNotFoundError(f"model {spec!r} does not exist; model takes {MODEL_SPECS}.")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"model: GGUF file {p} does not exist.")
         return str(p.parent), {"gguf_file": p.name}
     return spec, {}
+
+
+def runs_packed_gguf(spec: str) -> bool:
+    """Whether transformers would keep this model's GGUF weights packed (the `kernels` package
+    has a GGUF matmul kernel): those kernels compute in float32, and a bf16 model only casts."""
+    if "gguf_file" not in _pretrained_args(spec)[1]:
+        return False
+    try:
+        from transformers.integrations.gguf.kernels import get_gguf_kernel
+    except ImportError:  # a transformers without packed GGUF support de-quantises
+        return False
+    return bool(get_gguf_kernel())
 
 
 def hub_name(spec: str) -> str:
@@ -90,7 +113,16 @@ def load_config(spec: str):
     from transformers import AutoConfig
 
     name, kwargs = _pretrained_args(spec)
-    return AutoConfig.from_pretrained(name, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if Path(name).exists():
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"model {spec!r} is not a local folder or file, and loading it as a hub id failed ({reason}). "
+            f"model takes {MODEL_SPECS}."
+        ) from e
 
 
 def load_tokenizer(spec: str):
@@ -110,6 +142,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _not_packed_note(record: logging.LogRecord) -> bool:
+    # transformers says that packed GGUF weights are fastest in float32 even when it goes on to
+    # de-quantise them (no `kernels` package): then a bf16 model is plain bf16 GEMMs.
+    return "weights packed is fastest in float32" not in record.getMessage()
+
+
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto") -> nn.Module:
     """An eval-mode causal LM without gradients. dtype "auto": float32 on CPU (bf16 matmuls are
     slow there), bfloat16 on accelerators."""
@@ -125,9 +163,12 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # seconds of de-quantising and loading: no bars for that
+    gguf_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    gguf_log.addFilter(_not_packed_note)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
     finally:
+        gguf_log.removeFilter(_not_packed_note)
         if bars:
             hf_logging.enable_progress_bar()
     # GGUF weights come back de-quantized to float32 whatever dtype was asked for.

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from sae_lit.common import commit, discard, temp_name, write_json_atomic
 from sae_lit.model.formats import CFG_NAME, WEIGHTS_NAME, export_cfg
+from sae_lit.model.formats.parts import refuse_non_finite
+from sae_lit.model.formats.saelens import write_sparsity
 
 
 class SafetensorsStream:
@@ -60,8 +62,9 @@ def export_rows(sae) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class ShardedExport:
-    """An SAE folder filled shard by shard: ``add`` each shard's export_rows, then ``close``
-    with b_dec. ``sae`` (any shard, or the whole SAE) gives the config and cfg.json."""
+    """An SAE folder filled shard by shard: ``add`` each shard's export_rows (and its latents'
+    firing densities, when known), then ``close`` with b_dec. ``sae`` (any shard, or the whole
+    SAE) gives the config and cfg.json."""
 
     def __init__(self, sae, out_dir: str | Path, metadata: dict | None = None):
         if sae.activation != "topk":
@@ -74,14 +77,20 @@ class ShardedExport:
         self._tmp = temp_name(self.out / WEIGHTS_NAME)
         self._file = SafetensorsStream(self._tmp, {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)})
         self._rows = np.zeros(n, dtype=bool)
+        self._density: Tensor | None = torch.full((n,), float("nan"), dtype=torch.float64)
 
-    def add(self, lo: int, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> None:
+    def add(self, lo: int, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, density: Tensor | None = None) -> None:
+        refuse_non_finite({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec}, self.out, self.scale)
         hi = lo + W_dec.shape[0]
         t = self._file.tensors
         t["W_enc"][:, lo:hi] = W_enc.cpu().numpy().T
         t["b_enc"][lo:hi] = b_enc.cpu().numpy()
         t["W_dec"][lo:hi] = W_dec.cpu().numpy()
         self._rows[lo:hi] = True
+        if density is None:
+            self._density = None  # one shard without densities: the folder has none
+        elif self._density is not None:
+            self._density[lo:hi] = density.detach().double().cpu()
 
     def close(self, b_dec: Tensor) -> Path:
         """Write b_dec (the training space's; folded here) and put the folder in place."""
@@ -94,16 +103,22 @@ class ShardedExport:
         except BaseException:
             discard(self._tmp)
             raise
+        if self._density is not None:
+            write_sparsity(self.out, self._density)
         write_json_atomic(self.out / CFG_NAME, self.cfg)  # last: cfg.json marks a complete folder
         return self.out
 
 
-def export_sharded(sae, out_dir: str | Path, metadata: dict | None = None) -> Path | None:
+def export_sharded(sae, out_dir: str | Path, metadata: dict | None = None,
+                   density: Tensor | None = None) -> Path | None:
     """Export a ShardedTopKSAE from its live process group: a collective over the latent
-    shards. Shard 0 writes and returns the folder; the others send their rows to it, one
-    shard at a time, and return None."""
+    shards. Shard 0 writes and returns the folder; the others send their rows (and their
+    latents' firing densities, if given: all shards or none) to it, one shard at a time, and
+    return None."""
     comm = sae.comm
     rows = export_rows(sae)
+    if density is not None:
+        rows = (*rows, density.detach().float().to(rows[0].device).contiguous())
     if comm.size == 1:
         writer = ShardedExport(sae, out_dir, metadata)
         writer.add(sae.lo, *rows)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 
+from sae_lit.common import one_line_errors, run_cli
 from sae_lit.model.formats import ExportFormat
 from sae_lit.model.sae import SAEConfig
 from sae_lit.model.sharded import LatentComm, ShardedTopKSAE
@@ -38,7 +39,10 @@ def export_checkpoint(ckpt: str, out: str, format: ExportFormat = "saelens") -> 
             raise ValueError(f"{ckpt}: a latent-parallel checkpoint exports in the SAELens layout only, not {format!r}")
         path = export_sharded_checkpoint(ckpt, out, index)
     else:
-        module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt!r} does not exist.")
+        # weights_only: a checkpoint is data; no pickled code runs while reading it.
+        module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
         path = module.export(out, format)
     print(f"Exported {ckpt} -> {path} ({format})")
     return path
@@ -64,20 +68,21 @@ def shard_module(checkpoint: dict) -> SAEModule:
 def export_sharded_checkpoint(folder: str | Path, out: str | Path, index: dict) -> Path:
     writer = None
     for name in index["files"]:
-        checkpoint = torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(Path(folder) / name, map_location="cpu", weights_only=True)
         module = shard_module(checkpoint)
         sae = module.eval_sae
+        info = module.export_info()
         if writer is None:
-            writer = ShardedExport(sae, out, metadata=module.export_metadata)
+            writer = ShardedExport(sae, out, metadata=info["metadata"])
             b_dec = sae.b_dec.detach().clone()
-        writer.add(sae.lo, *export_rows(sae))
+        writer.add(sae.lo, *export_rows(sae), density=info["density"])
         del checkpoint, module, sae
     return writer.close(b_dec)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return CLI(export_checkpoint, args=argv, as_positional=True)
+    return CLI(export_checkpoint, args=argv, as_positional=True, parser_class=one_line_errors(ArgumentParser))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

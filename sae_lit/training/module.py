@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from sae_lit.common import acts_of
@@ -23,6 +24,7 @@ from sae_lit.model.activations import LOADED_ONLY
 from sae_lit.model.formats import ExportFormat, export_sae
 from sae_lit.model.sharded import ShardedTopKSAE
 from sae_lit.model.sharded_io import export_sharded
+from sae_lit.training.resume import ResumeMismatchError, changes, mismatch_message, split_changes
 from sae_lit.model.sae import SAEConfig, TopKSAE
 from sae_lit.training.metrics import NMSE, FiringCounts, MeanL0
 
@@ -286,6 +288,21 @@ class SAEModule(L.LightningModule):
         # log10 firing frequency; never-fired latents pile up at -10.
         logger.experiment.add_histogram(tag, torch.log10(freq.float().cpu() + 1e-10), self.global_step)
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        # Before backward, so no NaN reaches the weights or a checkpoint (one host sync a step).
+        # Every rank decides together: a rank stopping alone would leave the others waiting in
+        # the gradient all-reduce.
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise FloatingPointError(
+                f"train/loss is {loss.item() if not torch.isfinite(loss) else 'not finite on another rank'} at step "
+                f"{self.global_step}: training stopped before the weights were "
+                f"updated. Non-finite input activations (see the cache manifest's nonfinite_tokens) or a learning rate "
+                f"too high (lr={self.lr:.3g}) cause this; resume from the last checkpoint with a lower --model.lr."
+            )
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._replica_group is not None:
             self._average_gradients_over_replicas()
@@ -365,6 +382,8 @@ class SAEModule(L.LightningModule):
 
     def _eval_step(self, batch: Tensor) -> None:
         x = acts_of(batch)
+        if x.shape[0] == 0:
+            return  # padding that keeps the validation batch count equal across ranks
         recon, (values, indices) = self.eval_sae.encode_decode(x)
         self.val_nmse.update(x, recon)
         self.val_l0.update(values)
@@ -401,6 +420,17 @@ class SAEModule(L.LightningModule):
         self.export_metadata = checkpoint.get("sae_lit_export_metadata", {})
         # Checkpoints from before the firing counts: start them at zero (no densities to export).
         checkpoint.get("state_dict", {}).setdefault("fire_counts", torch.zeros_like(self.fire_counts))
+        saved = checkpoint.get("hyper_parameters")
+        if not saved:
+            return
+        safe, unsafe = split_changes(changes(saved, dict(self.hparams)))
+        if unsafe:
+            raise ResumeMismatchError(mismatch_message(unsafe))
+        if safe:
+            rank_zero_info("Resuming with changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in safe.items()))
+        old_lr = saved.get("lr") or default_lr(int(saved.get("sae", {}).get("num_latents", self.sae.num_latents)))
+        if old_lr != self.lr:
+            _rescale_lr(checkpoint, self.lr / old_lr)
 
     def export_info(self) -> dict:
         """What the export records beyond the data's metadata: this package's version, the
@@ -429,7 +459,9 @@ class SAEModule(L.LightningModule):
             # Replica 0's shards stream their rows to global rank 0, which writes the folder.
             out = None
             if self.trainer.strategy.replica_rank == 0:
-                out = export_sharded(self.eval_sae, Path(root) / "sae", metadata=self.export_metadata)
+                info = self.export_info()
+                out = export_sharded(self.eval_sae, Path(root) / "sae", metadata=info["metadata"],
+                                     density=info["density"])
         elif self.trainer.is_global_zero:
             out = self.export(Path(root) / "sae")
         if not self.trainer.is_global_zero:
@@ -516,3 +548,17 @@ def package_version() -> str:
         return importlib.metadata.version("sae_lit")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def _rescale_lr(checkpoint: dict, ratio: float) -> None:
+    """Scale the learning rate stored in a checkpoint's optimizer and scheduler states (which
+    the restore would otherwise put back over a changed lr)."""
+    for state in checkpoint.get("optimizer_states", []):
+        for group in state.get("param_groups", []):
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+    for sched in checkpoint.get("lr_schedulers", []):
+        for key in ("base_lrs", "_last_lr"):
+            if key in sched:
+                sched[key] = [lr * ratio for lr in sched[key]]

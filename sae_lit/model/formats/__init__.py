@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sae_lit.model.formats import saelens, sparsify
 from sae_lit.model.formats.load import detect, load_sae, object_kind, parts_of_object
-from sae_lit.model.formats.parts import FormatError
+from sae_lit.model.formats.parts import FormatError, refuse_non_finite
 from sae_lit.model.sae import TopKSAE
 
 ExportFormat = Literal["saelens", "sparsify"]
@@ -39,6 +39,8 @@ def export_sae(sae: TopKSAE, out_dir: str | Path, metadata: dict | None = None, 
         density: each latent's firing frequency (SAELens layout: written as sparsity.safetensors).
     """
     out = Path(out_dir)
+    scale = float(sae.input_scale) if sae.normalize == "constant" else 1.0
+    refuse_non_finite(dict(sae.named_parameters()), out, scale)
     if format == "saelens":
         return saelens.write(sae, out, metadata, density)
     if format == "sparsify":

@@ -15,6 +15,8 @@ exactly (in float64), so the loaded SAE has no switches of its own for them:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,3 +129,15 @@ def description(architecture: str, d_in: int, d_sae: int, fmt: str, source: Path
                 **extra) -> dict:
     return {"architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "format": fmt,
             "source": str(source), **extra, "metadata": {k: v for k, v in metadata.items() if v is not None}}
+
+
+def refuse_non_finite(tensors: dict[str, Tensor], out, scale: float = 1.0) -> None:
+    """Refuse to export weights holding NaN/Inf: an SAE that diverged (or saw NaN input) must
+    not leave a loadable folder behind. Nothing is written when this raises."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad or not math.isfinite(scale):
+        what = ", ".join(bad) if bad else f"the input scale ({scale})"
+        raise ValueError(
+            f"Refusing to export to {out}: {what} hold NaN/Inf (training diverged, or its input activations did). "
+            f"Nothing was written; export an earlier checkpoint (python -m sae_lit.training.export CKPT OUT)."
+        )

@@ -210,11 +210,15 @@ def write(sae: TopKSAE, out: Path, metadata: dict | None = None, density: torch.
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp))
     if density is not None:
-        # SAELens's log_feature_sparsity: log10(frequency + 1e-10).
-        with atomic_path(out / SPARSITY_NAME) as tmp:
-            save_file({"sparsity": torch.log10(density.detach().double().cpu() + 1e-10).float()}, str(tmp))
+        write_sparsity(out, density)
     write_json_atomic(out / CFG_NAME, cfg)
     return out
+
+
+def write_sparsity(out: Path, density: torch.Tensor) -> None:
+    """Each latent's firing frequency as SAELens's sparsity.safetensors: log10(frequency + 1e-10)."""
+    with atomic_path(out / SPARSITY_NAME) as tmp:
+        save_file({"sparsity": torch.log10(density.detach().double().cpu() + 1e-10).float()}, str(tmp))
 
 
 def config(sae, metadata: dict | None = None) -> dict:
