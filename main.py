@@ -1,5 +1,5 @@
 """Entry point: `python main.py fit --config configs/quickstart.yaml`."""
-from sae_lit.training.cli import cli_main
+from sae_lit.training.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

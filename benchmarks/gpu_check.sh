@@ -15,3 +15,7 @@ done
 # (sae_lit/kernels.py, SAE_LIT_CUDA_SPARSE): which one should be the default on GPUs.
 SAE_LIT_CUDA_SPARSE=csr python benchmarks/train_step.py --device cuda --precision bf16-mixed --no-naive \
   --reps 10 --shapes 768,32768,32,131072
+# Latent parallelism: the gpu-marked tests above include tests/test_latent_parallel_gpu.py (one
+# shard on one GPU; two NCCL shards where there are 2+ GPUs). Then the memory model
+# (benchmarks/memory_model.py, the README's H200 table) against the step's peak CUDA memory.
+PYTHONPATH=. python benchmarks/memory_model.py --measure-cuda

@@ -11,25 +11,30 @@ the same activations with the same (n, k, tokens, lr schedule).
         --override model.sae.num_latents=8192 --override model.sae.k=8 --override model.lr=0.00099 \
         --sae logs/k8/lightning_logs/version_0/sae
 
-The reference below is written from the paper's equations with plain dense autograd and
-shares no code with sae_lit's SAE or kernels: dense [B, n] latents, tied init, unit-norm
-decoder with the parallel gradient removed, geometric-median b_pre, one dataset scale,
-AuxK (k_aux, 1/32), Adam(0.9, 0.999, eps 6.25e-10), the config's LR schedule, grad
-clipping, and the same seed for the random decoder directions. It reads
-the same training stream (same batches in the same order) through the data module.
-Both SAEs are scored by the same whole-split NMSE on the validation split, and by the
-fraction of latents that never fire on it (dead latents: AuxK's job).
+The reference below is written from the equations of OpenAI's released train.py (and
+PAPER.md) with plain dense autograd, and shares no code with sae_lit's SAE, kernels or
+training module: dense [B, n] latents; tied init from the same seeded random directions;
+geometric-median b_pre (Weiszfeld); one dataset scale on the input; per-batch NMSE; unit-norm
+decoder rows with the parallel gradient component removed before the step and the rows
+renormalised after it; Adam(0.9, 0.999, eps 6.25e-10); the config's LR schedule and gradient
+clipping. Dead latents and AuxK as the reference code has them: the firing counters are
+updated with this batch first and the dead mask taken after; the top k_aux dead
+pre-activations (encoder input x - b_pre), ReLU'd, decoded with b_pre against
+x - x_hat.detach() + b_pre.detach(), normalised by that target's variance, weight alpha, no
+other scale, NaN -> 0. It reads the same training stream (same batches, same order) through
+the data module. Both SAEs are scored by the same whole-split NMSE on the validation split,
+and by the fraction of latents that never fire on it.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
+from jsonargparse import ArgumentParser
 
+from sae_lit import load_sae
 from sae_lit.training.cli import cli_main
-from sae_lit.model.formats import load_sae
 
 
 class ReferenceTopK(torch.nn.Module):
@@ -44,24 +49,26 @@ class ReferenceTopK(torch.nn.Module):
         self.b_pre = torch.nn.Parameter(b_pre.clone())
         self.k, self.k_aux, self.scale = k, k_aux, scale
 
-    def forward(self, x_raw: torch.Tensor, dead: torch.Tensor | None = None):
+    def forward(self, x_raw: torch.Tensor, since_fired: torch.Tensor, dead_tokens: int | None):
+        """(main loss, AuxK loss); updates ``since_fired`` (tokens since each latent fired)."""
         x = x_raw * self.scale
         pre = (x - self.b_pre) @ self.W_enc.t() + self.b_enc
         v, i = pre.topk(self.k, dim=-1)
         z = torch.zeros_like(pre).scatter(1, i, v.relu())
         recon = z @ self.W_dec + self.b_pre
-        var = (x - x.mean(0)).pow(2).sum()
-        loss = (recon - x).pow(2).sum() / var
+        loss = (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        with torch.no_grad():  # counters first, dead mask after (the reference's order)
+            since_fired += x.shape[0]
+            since_fired[(z > 0).any(0)] = 0
         aux = torch.zeros(())
-        if dead is not None and dead.any():
-            e = (x - recon).detach()
-            pre_d = ((x - self.b_pre).detach() @ self.W_enc.t() + self.b_enc).masked_fill(~dead, -math.inf)
-            n_dead = int(dead.sum())
-            av, ai = pre_d.topk(min(self.k_aux, n_dead), dim=-1)
-            e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ self.W_dec
-            aux = min(n_dead / self.k_aux, 1.0) * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
-            aux = torch.nan_to_num(aux)
-        return loss, aux, z
+        if dead_tokens is not None:
+            dead = since_fired >= dead_tokens
+            if dead.any():
+                target = x - recon.detach() + self.b_pre.detach()
+                av, ai = pre.masked_fill(~dead, -math.inf).topk(min(self.k_aux, int(dead.sum())), dim=-1)
+                e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ self.W_dec + self.b_pre
+                aux = torch.nan_to_num((e_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+        return loss, aux
 
     @torch.no_grad()
     def encode(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +88,11 @@ def weiszfeld(points: torch.Tensor, iters: int = 100) -> torch.Tensor:
     m = p.mean(0)
     for _ in range(iters):
         w = 1 / (p - m).norm(dim=1).clamp_min(1e-12)
-        m = (w[:, None] * p).sum(0) / w.sum()
+        new = (w[:, None] * p).sum(0) / w.sum()
+        done = (new - m).norm() <= 1e-6 * max(1.0, m.norm().item())
+        m = new
+        if done:
+            break
     return m.float()
 
 
@@ -107,16 +118,19 @@ def val_dead_fraction(encode_fn, dm, n: int) -> float:
     return 1.0 - fired.float().mean().item()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, nargs="+")
-    ap.add_argument("--sae", required=True, help="our exported SAE folder from the same config")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override as given to main.py, e.g. model.sae.k=8 (repeatable)")
-    args = ap.parse_args()
-    cli_args = [a for c in args.config for a in ("--config", c)] + [f"--{o}" for o in args.override]
+def compare(config: list[str], sae: str, override: list[str] | None = None) -> dict:
+    """Train the dense reference on the config's data and compare it with our exported SAE.
+
+    Args:
+        config: the training config file(s) our SAE was trained with (stacked like main.py's).
+        sae: our exported SAE folder from the same config.
+        override: config overrides as given to main.py, e.g. model.sae.k=8 (repeatable).
+    """
+    cli_args = [a for c in config for a in ("--config", c)] + [f"--{o}" for o in override or []]
     cli = cli_main(cli_args, run=False)
     dm, hp, trainer = cli.datamodule, cli.model.hparams, cli.trainer
+    arch = hp.sae  # the SAE's config as a dict
+    n, k = arch["num_latents"], arch["k"]
     dm.prepare_data()
     dm.setup("fit")
     steps = trainer.max_steps
@@ -125,13 +139,14 @@ def main() -> None:
 
     sample = dm.init_sample(hp.init_sample_size)
     scale = dm.norm_scale or math.sqrt(sample.shape[1] / sample.pow(2).sum(1).mean().item())
-    # Same seed as SAEModule: both start from the same random directions, so what differs
+    # Same seed as the SAE's: both start from the same random directions, so what differs
     # afterwards is the implementation, not the luck of the init.
-    ref = ReferenceTopK(dm.d_in, hp.num_latents, hp.k, min(hp.k_aux, hp.num_latents // 2), scale,
-                        weiszfeld(sample * scale), seed=hp.seed)
+    ref = ReferenceTopK(dm.d_in, n, k, min(arch["k_aux"], n // 2), scale, weiszfeld(sample * scale), seed=arch["seed"])
     opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=tuple(hp.betas), eps=hp.eps)
-    since_fired = torch.zeros(hp.num_latents, dtype=torch.long)
+    since_fired = torch.zeros(n, dtype=torch.long)
+    auxk_on = hp.auxk_alpha > 0
     t0 = time.perf_counter()
+
     def lr_at(step: int) -> float:  # linear warmup, then constant or decaying from decay_start
         if hp.warmup_steps and step < hp.warmup_steps:
             return lr * (step + 1) / hp.warmup_steps
@@ -144,8 +159,7 @@ def main() -> None:
     for step, x in zip(range(steps), dm.train_dataloader()):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        dead = since_fired >= hp.dead_tokens
-        loss, aux, z = ref(x.float(), dead)
+        loss, aux = ref(x.float(), since_fired, hp.dead_tokens if auxk_on else None)
         (loss + hp.auxk_alpha * aux).backward()
         with torch.no_grad():
             w, g = ref.W_dec, ref.W_dec.grad
@@ -156,23 +170,33 @@ def main() -> None:
         opt.zero_grad()
         with torch.no_grad():
             ref.W_dec /= ref.W_dec.norm(dim=1, keepdim=True)
-            since_fired += x.shape[0]
-            since_fired[(z > 0).any(0)] = 0
     ref_time = time.perf_counter() - t0
 
-    ours = load_sae(args.sae)
+    ours = load_sae(sae)
     nmse_ours, n_tok = val_nmse(ours.reconstruct, dm)
     nmse_ref, _ = val_nmse(ref.reconstruct, dm)
-    print(f"same data: {steps} steps x {dm.batch_size} tokens, n={hp.num_latents}, k={hp.k}, lr={lr:.3g}; "
+    print(f"same data: {steps} steps x {dm.batch_size} tokens, n={n}, k={k}, lr={lr:.3g}; "
           f"validation tokens: {int(n_tok)}")
-    dead_ours = val_dead_fraction(ours.encode, dm, hp.num_latents)
-    dead_ref = val_dead_fraction(ref.encode, dm, hp.num_latents)
+    dead_ours = val_dead_fraction(ours.encode, dm, n)
+    dead_ref = val_dead_fraction(ref.encode, dm, n)
     train_dead_ref = (since_fired >= hp.dead_tokens).float().mean().item()
     print(f"{'':<22} {'val NMSE':>9} {'dead (val)':>11}")
     print(f"{'sae_lit (exported)':<22} {nmse_ours:>9.4f} {dead_ours:>11.4f}")
     print(f"{'dense reference':<22} {nmse_ref:>9.4f} {dead_ref:>11.4f}   (trained in {ref_time:.0f} s;"
           f" dead by the AuxK criterion at the end: {train_dead_ref:.4f})")
     print(f"ratio ours/reference: {nmse_ours / nmse_ref:.3f} (<= 1 means ours is at least as good)")
+    return {"nmse_ours": nmse_ours, "nmse_ref": nmse_ref, "dead_ours": dead_ours, "dead_ref": dead_ref,
+            "train_dead_ref": train_dead_ref}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, nargs="+", help="training config file(s) of our SAE")
+    parser.add_argument("--sae", required=True, help="our exported SAE folder from the same config")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override as given to main.py, e.g. model.sae.k=8 (repeatable)")
+    args = parser.parse_args(argv)
+    return compare(args.config, args.sae, args.override)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def tiny_cache_kwargs(cache_dir, model_dir, corpus) -> dict:
         device="cpu",
         val_fraction=0.25,
         sample_tokens=256,
+        subject_dtype="float32",  # "auto" measures the machine; tests want one answer
     )
 
 

@@ -140,3 +140,28 @@ def test_command_line_reads_a_lightning_config(cache_kwargs, tmp_path):
     result = main(["--config", str(config), "--hookpoint", "resid_post.0", "--quiet"])
     assert result.manifest["hookpoint"] == "resid_post.0"  # flags override the file
     assert result.manifest["context_length"] == 16 and (Path(cache_kwargs["cache_dir"]) / "manifest.json").exists()
+
+
+def test_subject_dtype_is_recorded_and_an_explicit_one_is_never_silently_reused(cache_kwargs):
+    m = build_cache(CacheConfig(**dict(cache_kwargs, subject_dtype="bfloat16")), progress=False).manifest
+    assert m["subject_dtype"] == "bfloat16"
+    with pytest.raises(sh.ManifestMismatchError, match="subject_dtype"):
+        build_cache(CacheConfig(**dict(cache_kwargs, subject_dtype="float32")), progress=False)
+    # "auto" accepts what is there (and the manifest says what that is)
+    again = build_cache(CacheConfig(**dict(cache_kwargs, subject_dtype="auto")), progress=False)
+    assert again.tokens_computed == 0 and again.manifest["subject_dtype"] == "bfloat16"
+
+
+def test_bf16_subject_activations_stay_close_to_fp32(cache_kwargs):
+    """The per-token relative error of bf16 activations against fp32 on the same tokens (the
+    benchmark prints the same on the real model)."""
+    tokenizer = load_tokenizer(cache_kwargs["model"])
+    corpus = CacheConfig(**cache_kwargs).corpus_obj()
+    ctx = np.stack([c.tokens for c in list(pack_contexts(corpus.documents("train"), tokenizer, 16))[:8]])
+    ids = torch.from_numpy(ctx).long()
+    acts = {}
+    for dtype in ("float32", "bfloat16"):
+        with torch.inference_mode():
+            acts[dtype] = HookedForward(load_model(cache_kwargs["model"], "cpu", dtype), "resid_post.1")(ids).float()
+    rel = (acts["bfloat16"] - acts["float32"]).norm(dim=-1) / acts["float32"].norm(dim=-1)
+    assert rel.median() < 0.02 and rel.max() < 0.1, rel

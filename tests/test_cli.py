@@ -48,7 +48,7 @@ def test_every_preset_builds_on_top_of_tiny(preset, tmp_path):
     cli = cli_main(["--config", "configs/tiny.yaml", "--config", str(preset), "--trainer.accelerator=cpu",
                     "--trainer.precision=32-true", "--trainer.devices=1", "--trainer.strategy=auto",
                     f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert cli.model.sae.d_in == 64
+    assert cli.model.sae_config.d_in == 64  # the SAE itself may be deferred (model.defer_init)
 
 
 @pytest.mark.gpu
@@ -77,3 +77,27 @@ def test_quickstart_builds_the_real_data_module(tmp_path):
     cli = cli_main(["--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert type(cli.datamodule).__name__ == "ActivationDataModule"
     assert cli.datamodule.d_in == cli.model.sae.d_in == 576  # SmolLM2-135M, from the GGUF config
+
+
+def test_sae_lit_command_fits_and_exports(tmp_path):
+    """`sae-lit` (pyproject's console script, sae_lit.__main__) runs the stages: `python -m sae_lit
+    fit` as main.py does, then `export` of the checkpoint in both formats."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"sae-lit": "sae_lit.__main__:main"}
+    r = subprocess.run(
+        [sys.executable, "-m", "sae_lit", "fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
+         "--trainer.max_steps=10", "--trainer.val_check_interval=10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    from sae_lit.__main__ import main
+    from sae_lit.model.formats import load_sae
+
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    for fmt, weights in [("saelens", "sae_weights.safetensors"), ("sparsify", "sae.safetensors")]:
+        out = main(["export", str(ckpt), str(tmp_path / fmt), "--format", fmt])
+        assert (out / weights).exists() and load_sae(out).export_cfg["format"] == fmt
+    with pytest.raises(SystemExit, match="unknown command"):
+        main(["train"])

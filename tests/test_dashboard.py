@@ -201,6 +201,21 @@ def test_site_files(site):
     assert "never fired" in (out / "latents" / "0.html").read_text()
 
 
+def test_site_of_other_formats(tiny_cache, tmp_path, caplog):
+    """--sae takes any source: here a sparsify folder of another layer (warned about) and a live
+    object from Python; the page names the format."""
+    from sae_lit.dashboard import DashboardConfig, build_dashboard
+
+    sae = tiny_sae(sh.read_manifest(tiny_cache)["d_in"])
+    export_sae(sae, tmp_path / "run" / "layers.2", format="sparsify")
+    caplog.set_level("WARNING")
+    index = build_dashboard(DashboardConfig(sae=str(tmp_path / "run"), subfolder="layers.2", cache=tiny_cache,
+                                            out=str(tmp_path / "out"), logits=False, progress=False, precision="float32"))
+    assert "model.layers.2" in caplog.text and "(sparsify)" in Path(index).read_text()
+    build_dashboard(DashboardConfig(sae=sae, cache=tiny_cache, out=str(tmp_path / "live"), logits=False, progress=False))
+    assert len(list((tmp_path / "live" / "latents").glob("*.html"))) == 24
+
+
 def _browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     from selenium.webdriver.chrome.service import Service

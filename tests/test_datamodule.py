@@ -31,7 +31,9 @@ def test_quickstart_path(cache_kwargs):
     assert dm.d_in == 32 and dm.norm_scale is None  # from the model config, before any cache
     assert dm.export_metadata() == {
         "model_name": str(Path(cache_kwargs["model"]).resolve()),
-        "hook_name": "model.layers.1",
+        "model_class_name": "HookedTransformer",
+        "hook_name": "blocks.1.hook_resid_post",
+        "hf_hook_name": "model.layers.1",
         "hookpoint": "resid_post.1",
         "context_size": 16,
         "prepend_bos": True,
@@ -42,7 +44,9 @@ def test_quickstart_path(cache_kwargs):
     batches = list(itertools.islice(dm.train_dataloader(), 60))  # several times the cache: endless
     assert all(b.shape == (32, 32) and b.dtype == torch.float32 for b in batches)
     val = list(dm.val_dataloader())
-    assert len(val) == len(dm.val_dataloader()) == 12 * 15 // 32
+    # The whole split (12 blocks x 15 non-BOS tokens), the last batch partial.
+    assert len(val) == len(dm.val_dataloader()) == -(-12 * 15 // 32)
+    assert sum(len(b) for b in val) == 12 * 15 and [len(b) for b in val[:-1]] == [32] * (len(val) - 1)
     sample = dm.init_sample(200)
     assert sample.shape == (200, 32) and torch.equal(sample, dm.init_sample(200))
     # A second datamodule on the finished cache takes d_in from the manifest.
@@ -72,7 +76,7 @@ def test_with_a_lightning_trainer(built, tmp_path):
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 5 and model.val_batches == 5
+    assert trainer.global_step == 5 and model.val_batches == -(-12 * 15 // 32)
 
 
 def test_train_stream_excludes_bos_and_shuffles(built):
@@ -90,7 +94,7 @@ def test_train_stream_excludes_bos_and_shuffles(built):
 
     with_bos = _dm(built, exclude_bos=False)
     with_bos.setup()
-    assert len(with_bos.val_dataloader()) == 12 * 16 // 32 > len(dm.val_dataloader())
+    assert sum(map(len, with_bos.val_dataloader())) == 12 * 16 and sum(map(len, dm.val_dataloader())) == 12 * 15
 
 
 def test_val_batches_are_the_val_blocks_in_order(built):
@@ -98,7 +102,7 @@ def test_val_batches_are_the_val_blocks_in_order(built):
     dm.setup()
     body = torch.cat([a[1:] for _, a in dm.iter_blocks("val")])
     val = torch.cat(list(dm.val_dataloader()))
-    torch.testing.assert_close(val, body[: len(val)])
+    torch.testing.assert_close(val, body)  # all of it, in order
     assert len(list(dm.iter_blocks("val"))) == 12
 
 
@@ -120,25 +124,28 @@ def test_two_ranks_read_disjoint_shards(built, monkeypatch):
     train_shards = {r: {n for n in names if n.startswith("train")} for r, names in opened.items()}
     assert train_shards[0] and train_shards[1] and not train_shards[0] & train_shards[1]
     assert train_shards[0] | train_shards[1] == {f"train-{i:06d}.tar" for i in range(5)}
-    assert len(val[0]) == len(val[1]) == 6 * 15 // 32
-    assert not torch.equal(val[0][0], val[1][0])
+    assert len(val[0]) == len(val[1]) == -(-6 * 15 // 32)
+    # Together the ranks score the whole split once, in order: what one process scores.
+    single = _dm(built)
+    single.setup()
+    torch.testing.assert_close(torch.cat(val[0] + val[1]), torch.cat(list(single.val_dataloader())))
     # init_sample is the same everywhere (the geometric-median init must agree across ranks).
     assert torch.equal(_dm(built, rank=0, world=2).init_sample(100), _dm(built, rank=1, world=2).init_sample(100))
 
 
 def test_more_ranks_than_shards_share_by_block(built):
-    seen = []
+    seen, val_rows = [], []
     for rank in range(8):  # 5 train shards, 8 ranks
         dm = _dm(built, rank=rank, world=8, val_batch_size=8)
         dm.setup()
         part = dm.train_dataloader().dataset.part
         seen.append({b for s in part.shards for b in range(s.first_block, s.first_block + s.blocks) if part.keep(b)})
-        assert len(dm.val_dataloader()) == 1  # 12 val blocks // 8 ranks = 1 block of 15 tokens each
+        # 12 val blocks over 8 ranks: 1 or 2 blocks (15 or 30 rows) each, 4 batches everywhere.
+        val = list(dm.val_dataloader())
+        assert len(val) == len(dm.val_dataloader()) == 4 and all(len(b) > 0 for b in val)
+        val_rows.append(sum(map(len, val)))
     assert set().union(*seen) == set(range(40)) and sum(map(len, seen)) == 40
-    dm = _dm(built, rank=0, world=8)
-    dm.setup()
-    with pytest.raises(ValueError, match="lower val_batch_size"):
-        dm.val_dataloader()
+    assert sum(val_rows) == 12 * 15
 
 
 def test_corrupt_shard_is_named_or_skipped(built):
@@ -203,7 +210,7 @@ def test_outliers_are_left_out(cache_kwargs):
     inliers = sum(n for s in m["splits"]["val"]["shards"] for n in s["inliers"])
     assert inliers < 12 * 15
     val = torch.cat(list(dm.val_dataloader()))
-    assert len(val) == inliers // 8 * 8 and val.norm(dim=-1).max() <= threshold * 1.001
+    assert len(val) == inliers and val.norm(dim=-1).max() <= threshold * 1.001
     # Ranks hold different numbers of inliers but yield the same number of batches.
     lens = []
     for rank in (0, 1):
@@ -213,4 +220,4 @@ def test_outliers_are_left_out(cache_kwargs):
     assert lens[0] == lens[1] and lens[0][0] == lens[0][1]
     everything = _dm(cache_kwargs, outlier_factor=1.05, val_batch_size=8, exclude_outliers=False)
     everything.setup()
-    assert len(everything.val_dataloader()) == 12 * 15 // 8
+    assert len(everything.val_dataloader()) == -(-12 * 15 // 8)

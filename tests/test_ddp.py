@@ -39,7 +39,7 @@ def test_ddp_two_processes_match(tmp_path):
         callbacks=[_DumpPerRank(tmp_path)],
     )
     trainer.fit(_module(), _dm())
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, a in r0["state"].items():
         torch.testing.assert_close(a, r1["state"][name], msg=lambda m: f"{name} differs across ranks: {m}")
     # each rank fired-latent counter saw the global batch (2 x 256 tokens per step)

@@ -71,3 +71,75 @@ def test_evaluate_names_a_missing_data_section(tmp_path, exported):
     bad.write_text("trainer: {}\n")
     with pytest.raises(KeyError, match="no `data:` section"):
         main(["--sae", str(sae_dir), "--config", str(bad), "--device", "cpu"])
+
+
+def _config(tmp_path, cache_kwargs):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"class_path": "sae_lit.data.datamodule.ActivationDataModule", "init_args": {"cache": cache_kwargs, "progress": False}},
+        "trainer": {"callbacks": [{"class_path": "sae_lit.training.callbacks.EvalSuite", "init_args": {"config": TINY_EVALS}}]},
+    }))
+    return config
+
+
+FULL_SUITE = ["eval/delta_ce", "eval/kl", "eval/probe_loss", "eval/n2g_precision", "eval/ablation_sparsity", "eval/shrinkage"]
+
+
+def test_evaluate_a_sparsify_folder(tmp_path, cache_kwargs, caplog):
+    """A sparsify run folder (layers.N per hookpoint, the run's config.json naming the model)."""
+    dm = make_datamodule(cache_kwargs, batch_size=64, progress=False)
+    dm.prepare_data()
+    sae = TopKSAE(dm.d_in, 64, k=4, seed=0)
+    sae.init_from_data(dm.init_sample(256), scale=dm.norm_scale)
+    run = tmp_path / "sparsify_run"
+    export_sae(sae, run / "layers.1", format="sparsify")
+    (run / "config.json").write_text(json.dumps({"model": cache_kwargs["model"]}))
+    config = _config(tmp_path, cache_kwargs)
+    caplog.set_level("WARNING")
+    report = main(["--sae", str(run / "layers.1"), "--config", str(config), "--evals.strict", "true", "--device", "cpu"])
+    assert set(FULL_SUITE) <= set(report["metrics"]) and report["errors"] == {}
+    assert report["sae"]["format"] == "sparsify"
+    assert "going on anyway" not in caplog.text  # the model and hookpoint match
+    assert (run / "layers.1" / "eval" / "report.json").exists()
+    # another layer's SAE: same width, so it runs, with a warning
+    export_sae(sae, run / "layers.2", format="sparsify")
+    main(["--sae", str(run / "layers.2"), "--config", str(config), "--evals.evals", "[shrinkage]", "--device", "cpu"])
+    assert "model.layers.2" in caplog.text and "going on anyway" in caplog.text
+
+
+def test_evaluate_an_openai_file(tmp_path, cache_kwargs, caplog):
+    """openai/sparse_autoencoder's TopK state dict at its published path layout (gpt2-small, so a
+    warning that the tiny model is another one; the hookpoint resid_post_mlp.1 is the cache's)."""
+    from test_formats import openai_state
+
+    g = torch.Generator().manual_seed(0)
+    state = {**openai_state(k=4)}
+    state.update({"pre_bias": torch.randn(32, generator=g) * 0.1, "encoder.weight": torch.randn(64, 32, generator=g) / 6,
+                  "latent_bias": torch.zeros(64), "decoder.weight": torch.randn(32, 64, generator=g) / 6,
+                  "stats_last_nonzero": torch.zeros(64, dtype=torch.long), "latents_activation_frequency": torch.ones(64),
+                  "latents_mean_square": torch.zeros(64)})
+    path = tmp_path / "gpt2-small" / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    caplog.set_level("WARNING")
+    report = main(["--sae", str(path), "--config", str(_config(tmp_path, cache_kwargs)), "--evals.strict", "true",
+                   "--device", "cpu"])
+    assert set(FULL_SUITE) <= set(report["metrics"]) and report["errors"] == {}
+    assert report["sae"]["format"] == "openai" and report["sae"]["normalize_activations"] == "layer_norm"
+    assert "trained on gpt2" in caplog.text and "exported for hook" not in caplog.text
+    assert (path.parent / "eval_1" / "report.json").exists()
+
+
+def test_evaluate_a_live_object(tmp_path, cache_kwargs):
+    dm = make_datamodule(cache_kwargs, batch_size=64, progress=False)
+    dm.prepare_data()
+    sae = TopKSAE(dm.d_in, 64, k=4, seed=0)
+    sae.init_from_data(dm.init_sample(256), scale=dm.norm_scale)
+    from sae_lit.evals.evaluate import evaluate
+    from sae_lit.evals.suite import EvalConfig
+
+    with pytest.raises(ValueError, match="out_dir"):
+        evaluate(sae, str(_config(tmp_path, cache_kwargs)))
+    report = evaluate(sae, str(_config(tmp_path, cache_kwargs)), out_dir=str(tmp_path / "out"), device="cpu",
+                      eval_cfg=EvalConfig(**{**TINY_EVALS, "evals": ["shrinkage", "progressive"]}))
+    assert "eval/shrinkage" in report["metrics"]

@@ -171,3 +171,45 @@ def test_resume_on_a_real_cache_is_exact(cache_kwargs, tmp_path):
     resumed, _ = run(8, tmp_path / "b", ckpt=str(tmp_path / "half.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_ema_starts_at_zero_and_is_bias_corrected_as_the_reference(tmp_path):
+    """After t steps the EMA equals sum_s (1 - b) b^(t - s) p_s / (1 - b^t), the reference
+    code's average of the weights p_1 ... p_t after each step, not a blend with the init."""
+    beta, steps = 0.9, 6
+    snapshots = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append({k: v.detach().clone() for k, v in pl_module.sae.named_parameters()})
+
+    model, dm = _module(ema_decay=beta), _dm()
+    trainer = _trainer(tmp_path, max_steps=steps, callbacks=[Record()], limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert len(snapshots) == steps
+    ema = model.eval_sae
+    assert ema is model.ema
+    for name, value in ema.named_parameters():
+        expect = sum((1 - beta) * beta ** (steps - 1 - s) * snapshots[s][name] for s in range(steps))
+        expect = expect / (1 - beta**steps)
+        if name == "W_dec":
+            expect = expect / expect.norm(dim=1, keepdim=True)  # the eval copy keeps unit-norm rows
+        torch.testing.assert_close(value, expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_dead_adam_reset_zeroes_the_moments_of_latents_that_die():
+    model = _module(dead_adam_reset=True, dead_tokens=100, num_latents=16, k=2)
+    opt = torch.optim.Adam(model.sae.parameters())
+    params = (model.sae.W_enc, model.sae.b_enc, model.sae.W_dec)
+    for p in params:
+        opt.state[p] = {"exp_avg": torch.ones_like(p), "exp_avg_sq": torch.ones_like(p)}
+    model.tokens_since_fired[:] = 0
+    model.tokens_since_fired[[3, 5]] = 150  # already dead at the first look
+    model._reset_adam_of_newly_dead(opt)   # first look: remembers who is dead, resets nothing
+    model.tokens_since_fired[[7, 9]] = 100  # die now
+    model._reset_adam_of_newly_dead(opt)
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            s = opt.state[p][key]
+            assert s[[7, 9]].abs().max() == 0, (p.shape, key)
+            assert (s[[0, 3, 5, 8]] == 1).all(), (p.shape, key)

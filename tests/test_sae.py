@@ -13,7 +13,13 @@ def _sae(d=16, n=64, k=4, **kw):
 
 
 def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
-    """The paper's equations with plain dense autograd: the ground truth for the kernels."""
+    """The paper's equations with plain dense autograd, AuxK as OpenAI's reference train.py
+    computes it: the ground truth for the kernels.
+
+    AuxK: the latents that fire in this batch leave the dead set first; the top k_aux of the
+    remaining dead latents' pre-activations (encoder input x - b_pre, not detached), ReLU'd,
+    decoded *with* b_pre against x - x_hat.detach() + b_pre.detach(), normalised by that
+    target's total variance; no other scale."""
     x_n = x * sae.input_scale
     pre = (x_n - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
     k_sel = 4 * sae.k if sae.multi_topk else sae.k
@@ -25,30 +31,34 @@ def _dense_reference(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None):
     nmse = (recon - x_n).pow(2).sum() / var
     multi = ((z_all @ sae.W_dec + sae.b_dec - x_n).pow(2).sum() / var) if sae.multi_topk else nmse * 0
     aux = nmse * 0
+    if dead is not None:
+        fired = (z_k > 0).any(0)
+        dead = dead & ~fired
     if dead is not None and dead.any():
-        e = (x_n - recon).detach()
-        pre_aux = (x_n.detach() - sae.b_dec.detach()) @ sae.W_enc.t() + sae.b_enc
+        target = (x_n - recon).detach() + sae.b_dec.detach()
+        pre_aux = (x_n.detach() - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
         pre_aux = pre_aux.masked_fill(~dead, -math.inf)
         n_dead = int(dead.sum())
         av, ai = pre_aux.topk(min(sae.k_aux, n_dead), dim=-1)
         z_aux = torch.zeros_like(pre).scatter(1, ai, av.relu())
-        e_hat = z_aux @ sae.W_dec
-        aux = min(n_dead / sae.k_aux, 1.0) * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        e_hat = z_aux @ sae.W_dec + sae.b_dec
+        aux = (target - e_hat).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
     return recon / sae.input_scale, nmse, aux, multi
 
 
 @pytest.mark.parametrize("input_grad", [False, True], ids=["fused", "composable"])
 @pytest.mark.parametrize("multi_topk", [False, True])
-@pytest.mark.parametrize("n_dead", [0, 5, 40])
-def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead, input_grad):
-    sae = _sae(k_aux=8, multi_topk=multi_topk)
+@pytest.mark.parametrize("n_dead,k_aux", [(0, 8), (5, 8), (40, 8), (40, 4)])
+def test_sparse_training_forward_matches_dense_reference(multi_topk, n_dead, k_aux, input_grad):
+    sae = _sae(k_aux=k_aux, multi_topk=multi_topk)
     x = torch.randn(32, 16, dtype=torch.float64) * 3 + 1
     sae.init_from_data(x)
     with torch.no_grad():
         sae.b_enc.normal_()
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
-    # 40 dead latents take the gather path of AuxK, 5 the dense-subset path.
+    # AuxK builds a dense [B, n_dead] block while k_aux * 8 >= n_dead (5 or 40 dead at
+    # k_aux = 8) and gathers beyond (40 dead at k_aux = 4).
     out = sae(x.clone().requires_grad_(input_grad), dead_mask=dead)
     loss = out.nmse + out.auxk_loss + out.multi_topk_nmse
     grads = torch.autograd.grad(loss, list(sae.parameters()))
@@ -117,6 +127,9 @@ def test_auxk_zero_without_dead_and_positive_with_dead_only_into_dead_rows():
     sae.init_from_data(x)
     none = sae(x, dead_mask=torch.zeros(64, dtype=torch.bool))
     assert none.auxk_loss.item() == 0.0 and torch.isfinite(none.auxk_loss)
+    with torch.no_grad():  # latents 0-9 win every top-k; the others stay silent but positive
+        sae.b_enc[:10] = 20.0
+        sae.b_enc[10:] = 2.0
     dead = torch.zeros(64, dtype=torch.bool)
     dead[10:20] = True
     out = sae(x, dead_mask=dead)
@@ -126,7 +139,7 @@ def test_auxk_zero_without_dead_and_positive_with_dead_only_into_dead_rows():
     for p in (sae.W_enc, sae.W_dec):
         assert p.grad[~dead].abs().max() == 0, "AuxK gradient leaked into live latents"
         assert p.grad[dead].abs().max() > 0
-    assert sae.b_dec.grad is None or sae.b_dec.grad.abs().max() == 0
+    assert sae.b_dec.grad.abs().max() > 0, "AuxK trains b_pre too, as in the reference code"
 
 
 def test_auxk_never_nan_on_constant_batch():
@@ -137,15 +150,78 @@ def test_auxk_never_nan_on_constant_batch():
     assert torch.isfinite(out.auxk_loss)
 
 
-def test_auxk_scaled_by_fraction_of_k_aux_when_few_dead():
+def test_auxk_has_no_extra_scale_when_few_dead():
+    """The reference code has no min(n_dead / k_aux, 1) factor (that is sparsify's)."""
     sae = _sae(k_aux=8)
     x = torch.randn(64, 16, dtype=torch.float64)
     sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc[:2] = 5.0  # two dead latents that would fire if they were live
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:2] = True
+    # 2 dead < k_aux: the unscaled loss, and the latents must not fire in this batch
     out = sae(x, dead_mask=dead)
     _, _, aux, _ = _dense_reference(sae, x, dead)
-    torch.testing.assert_close(out.auxk_loss, aux)  # includes the 2/8 factor
+    torch.testing.assert_close(out.auxk_loss, aux)
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["fused", "composable"])
+def test_a_latent_that_fires_in_the_batch_gets_no_auxk_gradient(input_grad):
+    sae = _sae(k_aux=8)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    with torch.no_grad():  # latents 0-9 win every top-k; the others stay silent but positive
+        sae.b_enc[:10] = 20.0
+        sae.b_enc[10:] = 2.0
+    firing, never = 3, [20, 21, 22]
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[firing] = True
+    dead[never] = True
+    out = sae(x.clone().requires_grad_(input_grad), dead_mask=dead)
+    sae.zero_grad()
+    out.auxk_loss.backward()
+    for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+        assert p.grad[firing].abs().max() == 0, "a latent firing in this batch got AuxK's gradient"
+        assert p.grad[never].abs().max() > 0
+
+
+def test_b_pre_auxk_gradient_equals_the_reference_equations():
+    """b_pre's gradient from AuxK alone, against dense autograd of the reference's equations
+    (decode with b_pre against x - x_hat.detach() + b_pre.detach(); encoder input x - b_pre)."""
+    sae = _sae(k_aux=8)
+    x = torch.randn(48, 16, dtype=torch.float64) * 2 + 0.5
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=torch.Generator().manual_seed(3))[:30]] = True
+    for input_grad in (False, True):
+        out = sae(x.clone().requires_grad_(input_grad), dead_mask=dead)
+        (g,) = torch.autograd.grad(out.auxk_loss, [sae.b_dec])
+        _, _, aux, _ = _dense_reference(sae, x, dead)
+        (ref,) = torch.autograd.grad(aux, [sae.b_dec])
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(g, ref)
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["fused", "composable"])
+def test_non_finite_auxk_decoding_leaves_every_gradient_finite(input_grad):
+    sae = _sae(k_aux=8)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    with torch.no_grad():
+        # the dead latents decode to inf (their rows overflow); the main code never uses them
+        sae.b_enc[40:] = 1.0
+        sae.W_dec[40:] = 1e308
+        sae.b_enc[:40] = 50.0  # the live ones win every top-k
+    out = sae(x.clone().requires_grad_(input_grad), dead_mask=dead)
+    loss = out.nmse + out.auxk_loss / 32
+    assert out.auxk_loss.item() == 0.0
+    grads = torch.autograd.grad(loss, list(sae.parameters()))
+    for g, name in zip(grads, ["W_dec", "W_enc", "b_enc", "b_dec"]):
+        assert torch.isfinite(g).all(), name
 
 
 def test_multi_topk_uses_4k_latents():
@@ -192,8 +268,9 @@ def test_layer_norm_mode_round_trips_raw_space():
     x = torch.randn(10, 16) * 5 + 2
     sae.init_from_data(x)
     out = sae(x)
-    mu, std = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
-    x_n = (x - mu) / std
+    # openai/sparse_autoencoder's LN: unbiased std, eps added to the std (not under the root)
+    mu, std = x.mean(-1, keepdim=True), x.var(-1, unbiased=True, keepdim=True).sqrt()
+    x_n = (x - mu) / (std + 1e-5)
     v, i = (((x_n - sae.b_dec) @ sae.W_enc.t()) + sae.b_enc).topk(16, dim=-1)
     manual = (torch.zeros(10, 64).scatter(1, i, v.relu()) @ sae.W_dec + sae.b_dec) * std + mu
     torch.testing.assert_close(out.reconstruction, manual, atol=1e-4, rtol=1e-4)
@@ -254,3 +331,20 @@ def test_release_buffers_frees_the_step_buffer_and_training_goes_on():
     sae.release_buffers()
     assert "_pre_buffer" not in sae.__dict__
     torch.testing.assert_close(sae(x).nmse, first)
+
+
+def test_dead_margin_is_the_best_dead_pre_activation_minus_the_kth_value():
+    sae = _sae(k_aux=8)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    sae.init_from_data(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[30:50] = True
+    out = sae(x, dead_mask=dead, diagnose=True)
+    pre = sae.pre_acts(x * sae.input_scale)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[out.indices[out.values > 0]] = True
+    still = dead & ~fired
+    expect = pre[:, still].max(1).values - pre.topk(4, dim=-1).values[:, -1]
+    torch.testing.assert_close(out.dead_margin.double(), expect)
+    assert (out.dead_margin <= 1e-6).all()
+    assert sae(x, dead_mask=dead).dead_margin is None

@@ -11,7 +11,7 @@ from sae_lit.data import shards as sh
 def _write(path, n_blocks=3, T=4, d=5, split="train", first=0):
     rng = np.random.default_rng(0)
     blocks = []
-    w = sh.ShardWriter(path)
+    w = sh.ShardWriter(path, "cfg")
     for i in range(n_blocks):
         acts = rng.standard_normal((T, d)).astype(np.float16)
         tokens = rng.integers(0, 100, T).astype(np.int32)
@@ -53,7 +53,7 @@ def test_rewriting_a_shard_is_byte_identical(tmp_path):
 
 
 def test_abort_leaves_nothing(tmp_path):
-    w = sh.ShardWriter(tmp_path / "train-000000.tar")
+    w = sh.ShardWriter(tmp_path / "train-000000.tar", "cfg")
     w.add("train-000000000", np.zeros((2, 2), np.float16), np.zeros(2, np.int32), {})
     w.abort()
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_lit.model import losses
-from sae_lit.model.activations import DENSE_ACTIVATIONS, default_prefixes
+from sae_lit.model.activations import DENSE_ACTIVATIONS, LOADED_ONLY, default_prefixes
 from sae_lit.model.formats import export_sae, load_sae
 from sae_lit.training.module import SAEModule
 from sae_lit.model.sae import TopKSAE
@@ -83,7 +83,7 @@ def test_matryoshka_loss_is_sum_over_nested_prefixes():
     assert default_prefixes(4096) == [128, 256, 512, 1024, 2048, 4096]
 
 
-@pytest.mark.parametrize("activation", ["topk", *DENSE_ACTIVATIONS])
+@pytest.mark.parametrize("activation", ["topk", *(a for a in DENSE_ACTIVATIONS if a not in LOADED_ONLY)])
 def test_variant_trains_logs_and_exports(activation, tmp_path):
     torch.manual_seed(0)
     model = sae_module(
@@ -107,6 +107,20 @@ def test_variant_trains_logs_and_exports(activation, tmp_path):
     x = next(iter(dm.val_dataloader()))[:64]
     model.sae.eval()
     torch.testing.assert_close(loaded.reconstruct(x), model.sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+    # SAELens's sparsity.safetensors: log10 of each latent's firing density over training
+    from safetensors.torch import load_file
+
+    sparsity = load_file(str(out / "sparsity.safetensors"))["sparsity"]
+    expected = torch.log10(model.fire_counts.double() / int(model.tokens_seen) + 1e-10).float()
+    torch.testing.assert_close(sparsity, expected)
+    assert int(model.tokens_seen) == 40 * 256
+    meta = loaded.export_cfg["metadata"]
+    assert meta["training_tokens"] == 40 * 256 and meta["sae_lit_version"]
+
+
+def test_jumprelu_is_loaded_not_trained():
+    with pytest.raises(ValueError, match="not train it"):
+        sae_module(d_in=8, num_latents=16, k=2, activation="jumprelu")
 
 
 def test_b_dec_init_switch():

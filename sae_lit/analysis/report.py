@@ -24,7 +24,7 @@ from sae_lit.analysis.sweep import read_sweep, read_table
 from sae_lit.analysis.report_evals import EvalClaims
 from sae_lit.analysis.verdicts import (FAILS, HOLDS, LABEL, L1_FAMILIES, MISSING, UNSURE, across_seeds, ci_text, combine,
                                        in_group, judge, mean_of, replicates, seed_of, table)
-from sae_lit.common import fmt, log_axes, save_figure, write_text_atomic
+from sae_lit.common import fmt, log_axes, one_line_errors, run_cli, save_figure, write_text_atomic
 
 def _interp_loglog(x, xs, ys):
     """y at x along the polyline (xs, ys) in log-log space; None outside its range."""
@@ -390,7 +390,7 @@ def reproduction_report(sweep: str, out: str = "reports") -> Path:
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
+    p = one_line_errors(ArgumentParser)(prog="python -m sae_lit.analysis.report", description=__doc__.split("\n\n")[0])
     p.add_function_arguments(reproduction_report, as_group=False)
     return p
 
@@ -400,4 +400,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

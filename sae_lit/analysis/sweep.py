@@ -41,7 +41,7 @@ import torch
 import yaml
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from sae_lit.common import atomic_path, write_json_atomic
+from sae_lit.common import atomic_path, one_line_errors, run_cli, write_json_atomic
 from sae_lit.evals.suite import EVAL_VERSIONS
 
 log = logging.getLogger(__name__)
@@ -157,12 +157,32 @@ def train_run(run: Run, spec: dict, run_dir: Path) -> tuple[dict, list[dict]]:
         "activation": sae.activation, "num_latents": sae.num_latents, "k": sae.k, "d_in": sae.d_in,
         "lr": model.lr, "l1_coeff": hp.l1_coeff, "multi_topk": sae.multi_topk, "tied_init": sae.tied_init,
         "auxk_alpha": hp.auxk_alpha, "b_dec_init": sae.b_dec_init, "dead_tokens": hp.dead_tokens,
+        "k_aux": model.sae.k_aux, "dead_adam_reset": hp.get("dead_adam_reset", False),
         "steps": trainer.global_step, "batch_size": batch, "tokens": tokens,
         "flops": 6.0 * sae.d_in * sae.num_latents * tokens, "train_seconds": round(train_seconds, 1),
         "train/dead_frac_end": dead_train, "seed": int(run.settings.get("seed", 0)),
         **{k: float(v) for k, v in final.items()},
     }
     return row, curve_from_events(trainer.log_dir, run.name, batch)
+
+
+TRAIN_CURVE_TAGS = ("train/dead_frac", "train/dead_margin_median", "train/dead_margin_max")
+
+
+def train_curves_from_events(log_dir: str, run: str, batch_size: int) -> list[dict]:
+    """The training-time dead-latent curves of a run: the dead fraction and where AuxK's dead
+    latents stand against the firing threshold (sae_lit.training.module logs them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
+    have = set(ev.Tags().get("scalars", []))
+    by_step: dict[int, dict] = {}
+    for tag in TRAIN_CURVE_TAGS:
+        if tag in have:
+            for e in ev.Scalars(tag):
+                row = by_step.setdefault(e.step, {"run": run, "step": e.step + 1, "tokens": (e.step + 1) * batch_size})
+                row[tag] = e.value
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def curve_from_events(log_dir: str, run: str, batch_size: int) -> list[dict]:
@@ -287,7 +307,7 @@ def evals_field(names) -> str:
 def write_tables(spec: dict) -> list[dict]:
     """(Re)write results.csv and curves.csv from every finished run's result.json."""
     root = Path(spec["root"])
-    rows, curves = [], []
+    rows, curves, train_curves = [], [], []
     by_name = {r.name: r for r in expand(spec)}
     for path in sorted((root / "runs").glob("*/result.json")):
         try:
@@ -302,12 +322,17 @@ def write_tables(spec: dict) -> list[dict]:
         rows.append(row)
         log_dir = row.get("log_dir")
         # Rebuilt from the run's own TensorBoard events when they are there (they are the record).
-        curves += curve_from_events(log_dir, row["run"], int(row["batch_size"])) if log_dir and Path(log_dir).is_dir() else res["curve"]
+        if log_dir and Path(log_dir).is_dir():
+            curves += curve_from_events(log_dir, row["run"], int(row["batch_size"]))
+            train_curves += train_curves_from_events(log_dir, row["run"], int(row["batch_size"]))
+        else:
+            curves += res["curve"]
     if not rows:
         return rows
     cols = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(root / "results.csv", rows, cols)
     write_csv(root / "curves.csv", curves, ["run", "step", "tokens", "val/nmse"])
+    write_csv(root / "train_curves.csv", train_curves, ["run", "step", "tokens", *TRAIN_CURVE_TAGS])
     return rows
 
 
@@ -370,7 +395,7 @@ def command(config: str, root: str | None = None, only: list[str] | None = None,
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
+    p = one_line_errors(ArgumentParser)(prog="python -m sae_lit.analysis.sweep", description=__doc__.split("\n\n")[0])
     p.add_function_arguments(command, skip={"only", "dry_run", "collect"}, as_group=False)
     # Spelled as they always were: `--only A B`, and bare flags (a bool parameter would want
     # `--dry_run true`). `--config` is the sweep file, not a config file of this command.
@@ -389,4 +414,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

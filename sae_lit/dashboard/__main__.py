@@ -8,11 +8,12 @@ from typing import Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from sae_lit.common import one_line_errors, run_cli
 from sae_lit.dashboard.build import DashboardConfig, build_dashboard
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m sae_lit.dashboard", description=build_dashboard.__doc__.split("\n")[0])
+    p = one_line_errors(ArgumentParser)(prog="python -m sae_lit.dashboard", description=build_dashboard.__doc__.split("\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     p.add_class_arguments(DashboardConfig, as_group=False)
     return p
@@ -33,4 +34,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

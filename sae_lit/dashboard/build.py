@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 
 from sae_lit.dashboard.render import write_site
 from sae_lit.dashboard.stats import LatentStats
+from sae_lit.common import bf16_speedup
 from sae_lit.data import shards as sh
 from sae_lit.data.streams import RowFilter
-from sae_lit.evals.compat import check_sae_matches_data, hook_name_of
+from sae_lit.evals.compat import check_sae_matches_data
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,9 @@ def _chunks(blocks: Iterator[sh.Block], tokens_per_chunk: int, max_tokens: int |
 
 
 def _bf16_is_faster(d_in: int, n: int) -> bool:
-    """A few milliseconds of GEMMs at the encoder's shape: CPUs with AMX / AVX512-BF16 run bf16
-    several times faster than fp32, others much slower."""
-    a, b = torch.randn(512, d_in), torch.randn(d_in, min(n, 4096))
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = a.to(dtype), b.to(dtype)
-        torch.mm(x, w)
-        t = time.perf_counter()
-        for _ in range(3):
-            torch.mm(x, w)
-        times[dtype] = time.perf_counter() - t
-    return times[torch.bfloat16] < 0.5 * times[torch.float32]
+    """CPUs with AMX / AVX512-BF16 run the encoder's bf16 GEMM several times faster than fp32,
+    others much slower: measured at the encoder's shape."""
+    return bf16_speedup(512, d_in, min(n, 4096)) > 2.0
 
 
 def make_encoder(sae, precision: str = "auto", device: str | torch.device = "cpu", batch: int = 4096):
@@ -230,7 +222,11 @@ class DashboardConfig:
     """What to build the dashboard of, and how (python -m sae_lit.dashboard, configs/dashboard.yaml).
 
     Args:
-        sae: exported SAE folder (SAELens layout, cfg.json + sae_weights.safetensors).
+        sae: the SAE: a folder or file in any format sae_lit reads (ours, SAELens, sparsify, OpenAI
+            .pt, dictionary_learning), hf://owner/repo[/subfolder]; from Python also a live SAE
+            (TopKSAE, SAELens SAE, sparsify SparseCoder).
+        subfolder: folder inside ``sae`` (a hub repository's layers.8, say).
+        revision: hub branch, tag or commit of ``sae``.
         cache: activation cache folder (manifest.json + shards) built for the SAE's model and hookpoint.
         out: output folder; index.html, style.css and latents/<id>.html are written there.
         eval_report: eval report.json (or n2g_explanations.json) with N2G explanations; None: no N2G.
@@ -255,6 +251,8 @@ class DashboardConfig:
     sae: str
     cache: str
     out: str
+    subfolder: str | None = None
+    revision: str | None = None
     eval_report: str | None = None
     split: str = "val"
     top_n: int = 20
@@ -285,15 +283,18 @@ class Inputs:
 
 
 def load_inputs(cfg: DashboardConfig) -> Inputs:
-    from sae_lit.data.subject import load_tokenizer
+    from sae_lit.data.subject import load_tokenizer, published_sae_hook
     from sae_lit.model.formats import load_sae
 
     manifest = sh.read_manifest(cfg.cache)
     if manifest is None or not manifest.get("complete"):
         raise sh.CacheError(f"{cfg.cache}: no complete activation cache (manifest.json with complete: true)")
-    sae = load_sae(cfg.sae, device=cfg.device)
-    check_sae_matches_data(sae.d_in, hook_name_of(sae), int(manifest["d_in"]), manifest.get("hook_name"),
-                           sae_name=f"the SAE {cfg.sae}", data_name=f"the cache {cfg.cache}")
+    sae = load_sae(cfg.sae, device=cfg.device, subfolder=cfg.subfolder, revision=cfg.revision)
+    name = f"the SAE {cfg.sae if isinstance(cfg.sae, (str, Path)) else type(cfg.sae).__name__}"
+    metadata = (getattr(sae, "export_cfg", None) or {}).get("metadata") or {}
+    sae_hook = published_sae_hook(metadata, cfg.model or manifest["model"], name)
+    check_sae_matches_data(sae.d_in, sae_hook, int(manifest["d_in"]), manifest.get("hook_name"),
+                           sae_name=name, data_name=f"the cache {cfg.cache}")
     tokenizer = load_tokenizer(cfg.model or manifest["model"])
     n2g = load_n2g(cfg.eval_report) if cfg.eval_report else {}
     return Inputs(manifest=manifest, sae=sae, tokenizer=tokenizer, n2g=n2g)
@@ -313,7 +314,9 @@ def site_info(cfg: DashboardConfig, inputs: Inputs, stats: LatentStats, blocks: 
     title = f"{manifest.get('model_name', manifest['model'])} · {manifest.get('hook_name', manifest['hookpoint'])} · " \
             f"{sae.num_latents:,} latents"
     facts = {
-        "SAE": str(cfg.sae),
+        "SAE": (str(cfg.sae) if isinstance(cfg.sae, (str, Path)) else type(cfg.sae).__name__)
+               + (f" / {cfg.subfolder}" if cfg.subfolder else "")
+               + (f" ({export_cfg['format']})" if "format" in export_cfg else ""),
         "architecture": f"{export_cfg.get('architecture', sae.activation)}"
                         + (f", k = {sae.k}" if sae.activation == "topk" else ""),
         "d_in × latents": f"{sae.d_in} × {sae.num_latents:,}",

@@ -8,9 +8,10 @@ with a stand-in trainer.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import multiprocessing
-from pathlib import Path
+import zlib
 from typing import Iterator
 
 import lightning as L
@@ -18,9 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from sae_lit.common import data_rank
 from sae_lit.data import shards as sh
 from sae_lit.data.cache import CacheConfig, build_cache, cache_is_complete
+from sae_lit.data.integrity import nonfinite_shards
 from sae_lit.data.streams import RowFilter, ShardRef, TrainStream, ValStream
+from sae_lit.data.hookpoints import TAP, tl_hook_name
 from sae_lit.data.subject import hookpoint_info, hub_name
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class ActivationDataModule(L.LightningDataModule):
         exclude_bos: bool = True,
         exclude_outliers: bool = True,
         skip_corrupt_shards: bool = False,
+        drop_nonfinite: bool = False,
         seed: int = 0,
         progress: bool = True,
     ):
@@ -50,11 +55,22 @@ class ActivationDataModule(L.LightningDataModule):
             exclude_bos: drop each context's BOS position from train/val batches (kept in the cache).
             exclude_outliers: drop tokens with norm > outlier_factor x the median norm (massive
                 activations, kept in the cache) from train/val batches and init_sample.
-            skip_corrupt_shards: skip (and count) unreadable shards instead of raising.
+            skip_corrupt_shards: skip (and count) unreadable shards - damaged, truncated, failing
+                their checksums - instead of raising.
+            drop_nonfinite: leave out tokens whose cached activation holds a NaN or an Inf (a
+                warning gives their count). By default a cache with any is refused, naming the
+                shards: training on them gives a NaN SAE.
             seed: seeds the training stream's shard order and shuffling.
             progress: show the cache-building progress bar.
         """
         super().__init__()
+        for name, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                   ("shuffle_buffer", shuffle_buffer, 0), ("num_workers", num_workers, 0)):
+            if value is None and name == "val_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                want = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{name} must be {want}, got {value!r}.")
         cfg = CacheConfig(**cache) if isinstance(cache, dict) else cache  # a mapping: sweeps, evaluate
         cache = dataclasses.asdict(cfg)  # saved as plain values (save_hyperparameters reads this frame)
         self.save_hyperparameters()
@@ -62,7 +78,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.shuffle_buffer, self.num_workers = shuffle_buffer, num_workers
         self.exclude_bos, self.exclude_outliers = exclude_bos, exclude_outliers
-        self.skip_corrupt_shards, self.seed = skip_corrupt_shards, seed
+        self.skip_corrupt_shards, self.drop_nonfinite, self.seed = skip_corrupt_shards, drop_nonfinite, seed
         self.progress = progress
         self._skipped: set[str] = set()
         self._worker_skips = None  # shared counter, created when worker processes are used
@@ -80,12 +96,26 @@ class ActivationDataModule(L.LightningDataModule):
     # --- Lightning hooks ----------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build the cache if missing or incomplete. Lightning calls this on one process per node."""
-        if not cache_is_complete(self.cache_config, self._fingerprint):
+        """Build the cache if missing or incomplete. Lightning calls this on one process per node;
+        with several processes the build is spread over all of them in ``setup`` instead."""
+        if self._processes()[1] == 1 and not cache_is_complete(self.cache_config, self._fingerprint):
             build_cache(self.cache_config, progress=self.progress)
 
     def setup(self, stage: str | None = None) -> None:
+        rank, world = self._processes()
+        if world > 1 and not cache_is_complete(self.cache_config, self._fingerprint):
+            # Every rank runs the subject model on its shards (on its own device), rank 0 commits.
+            strategy = self.trainer.strategy
+            root = getattr(strategy, "root_device", None)
+            device = root if root is not None and root.type == "cuda" and self.cache_config.device in ("auto", "cuda") else None
+            build_cache(self.cache_config, progress=self.progress, rank=rank, world=world, barrier=strategy.barrier,
+                        device=device)
         self._load_manifest()
+
+    def _processes(self) -> tuple[int, int]:
+        """(global rank, world size) of the attached trainer: who builds which shards."""
+        trainer = self.trainer
+        return (0, 1) if trainer is None else (int(trainer.global_rank), int(trainer.world_size))
 
     def _load_manifest(self) -> dict:
         cache_dir = self.cache_config.cache_dir
@@ -101,30 +131,49 @@ class ActivationDataModule(L.LightningDataModule):
                 f"{cache_dir}/manifest.json says d_in={manifest['d_in']} but the model config gave {self.d_in} for "
                 f"hookpoint {self.cache_config.hookpoint!r}; the SAE would be built with the wrong width."
             )
+        self._check_nonfinite(manifest)
         self.manifest = manifest
         return manifest
+
+    def _check_nonfinite(self, manifest: dict) -> None:
+        bad = nonfinite_shards(manifest)
+        if not bad:
+            return
+        cache_dir = self.cache_config.cache_dir
+        listed = ", ".join(f"{f} ({n})" for f, n in sorted(bad.items())[:5]) + (", ..." if len(bad) > 5 else "")
+        total = sum(bad.values())
+        if not self.drop_nonfinite:
+            raise sh.CacheError(
+                f"{total} cached tokens in {cache_dir} have NaN/Inf activations, in {listed}; training on them gives a "
+                f"NaN SAE. Set drop_nonfinite=True (data.init_args.drop_nonfinite) to leave them out, or rebuild the "
+                f"cache (dtype bfloat16 if float16 overflowed)."
+            )
+        log.warning("leaving out %d tokens with NaN/Inf activations (drop_nonfinite), in %s", total, listed)
 
     def ensure_manifest(self) -> dict:
         """The complete cache's manifest (read and checked against this config on first use)."""
         return self.manifest if self.manifest is not None else self._load_manifest()
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
+        return data_rank(self.trainer)
 
     def _shards(self, split: str) -> list[ShardRef]:
-        root = Path(self.cache_config.cache_dir)
+        root = self.cache_config.cache_dir
+        manifest = self.ensure_manifest()
         return [
-            ShardRef(str(root / s["file"]), s["blocks"], s["first_block"], tuple(s["inliers"]) if "inliers" in s else None)
-            for s in self.ensure_manifest()["splits"][split]["shards"]
+            ShardRef(
+                sh.join(root, s["file"]), s["blocks"], s["first_block"],
+                tuple(s["inliers"]) if "inliers" in s else None,
+                tuple(sorted((int(i), tuple(pos)) for i, pos in s.get("nonfinite", {}).items())),
+                manifest["config_fingerprint"],
+            )
+            for s in manifest["splits"][split]["shards"]
         ]
 
     def _row_filter(self) -> RowFilter:
         manifest = self.ensure_manifest()
         threshold = manifest.get("outlier_threshold") if self.exclude_outliers else None
-        return RowFilter(manifest["dtype"], self.exclude_bos, threshold)
+        return RowFilter(manifest["dtype"], self.exclude_bos, threshold, self.drop_nonfinite)
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -204,14 +253,19 @@ class ActivationDataModule(L.LightningDataModule):
         all train shards."""
         manifest = self.ensure_manifest()
         if n <= manifest["sample"]["tokens"]:
-            sample_file = Path(self.cache_config.cache_dir) / manifest["sample"]["file"]
-            return sh.decode_acts(np.load(sample_file, allow_pickle=False)[:n], manifest["dtype"])
-        rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"))
+            sample_file = sh.join(self.cache_config.cache_dir, manifest["sample"]["file"])
+            data = sh.read_bytes(sample_file)
+            if zlib.crc32(data) != manifest["sample"]["crc32"]:
+                raise sh.CorruptShardError(sample_file, "it does not match its checksum")
+            sample = np.load(io.BytesIO(data), allow_pickle=False)
+            return sh.decode_acts(sample[:n], manifest["dtype"])
+        # Never a NaN in the init sample (a NaN b_dec poisons everything after).
+        rows = RowFilter(manifest["dtype"], True, manifest.get("outlier_threshold"), drop_nonfinite=True)
         available = manifest["splits"]["train"]["blocks"] * (self.cache_config.context_length - 1)
         stride = max(1, available // n)
         parts, have = [], 0
         for shard in self._shards("train"):
-            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+            for block in shard.read(self._shape):
                 picked = rows(block.acts)[block.index % stride :: stride]
                 parts.append(picked)
                 have += len(picked)
@@ -224,22 +278,32 @@ class ActivationDataModule(L.LightningDataModule):
 
     def iter_blocks(self, split: str = "val") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All blocks of a split in order as (tokens [T] int64, acts [T, d_in] float32), BOS
-        included - for evaluations that need the text (downstream loss, probes, dashboards)."""
+        included - for evaluations that need the text (downstream loss, probes, dashboards).
+        With drop_nonfinite, a block holding NaN / Inf is left out whole (its text stays intact)."""
         dtype = self.ensure_manifest()["dtype"]
         for shard in self._shards(split):
-            for block in sh.iter_shard(shard.url, shard.blocks, self._shape, with_meta=False):
+            bad = {i for i, _ in shard.nonfinite} if self.drop_nonfinite else set()
+            for block in shard.read(self._shape, keep=lambda i, bad=bad: i not in bad):
                 yield torch.from_numpy(block.tokens.astype(np.int64)), sh.decode_acts(block.acts, dtype)
 
     def export_metadata(self) -> dict:
-        """SAELens cfg.json `metadata`."""
+        """SAELens cfg.json `metadata`: the hookpoint under its TransformerLens name for the
+        standard sites (with model_class_name HookedTransformer), else the module path (for
+        SAELens's AutoModelForCausalLM wrapper); hf_hook_name is the module whose output it is,
+        left out for a module's input (SAELens hooks outputs only)."""
         if self.manifest is not None:
-            hook_name = self.manifest["hook_name"]
+            module_path = self.manifest["hook_name"]
         else:
-            hook_name = hookpoint_info(self.cache_config.model, self.cache_config.hookpoint)[0].module_path
-        return {
+            module_path = hookpoint_info(self.cache_config.model, self.cache_config.hookpoint)[0].module_path
+        tl_name = tl_hook_name(self.cache_config.hookpoint)
+        meta = {
             "model_name": hub_name(self.cache_config.model),
-            "hook_name": hook_name,
+            "model_class_name": "HookedTransformer" if tl_name else "AutoModelForCausalLM",
+            "hook_name": tl_name or module_path,
             "hookpoint": self.cache_config.hookpoint,
             "context_size": self.cache_config.context_length,
             "prepend_bos": True,
         }
+        if not module_path.endswith("." + TAP):
+            meta["hf_hook_name"] = module_path
+        return meta

@@ -6,12 +6,14 @@ How data is divided between processes:
          takes every n-th of those. Each process then draws shards from its own list with
          replacement ("resampled"), so the stream never ends and ranks never read the same shard.
          With fewer shards than processes, processes share shards and take every n-th block.
-  val    the val blocks are cut into W equal contiguous ranges (remainder dropped) and each rank
-         yields the same number of batches - unequal counts would hang DDP's collectives.
+  val    the val blocks are cut into W contiguous ranges that cover the whole split (sizes differ
+         by at most one block), so the ranks together score every validation token exactly
+         once: the same totals as one process. Each rank yields the same number of batches -
+         unequal counts would hang DDP's collectives - so a rank with fewer rows spreads them
+         over smaller batches (the last batch is partial, never dropped).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sae_lit.data.shards import CorruptShardError, decode_acts, iter_shard, row_norms
+from sae_lit.data.shards import CorruptShardError, decode_acts, finite_rows, iter_shard, row_norms
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,17 @@ class ShardRef:
     url: str
     blocks: int
     first_block: int
-    inliers: tuple[int, ...] | None = None  # per block: non-BOS tokens under the outlier threshold (val only)
+    inliers: tuple[int, ...] | None = None  # per block: finite non-BOS tokens under the outlier threshold (val only)
+    nonfinite: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (block index, positions holding NaN / Inf)
+    config: str | None = None  # the config fingerprint every block must carry
+
+    def read(self, shape=None, keep=None) -> Iterator:
+        """Its blocks, checked (count, sequence, shape, checksums, config), without meta.json."""
+        return iter_shard(self.url, self.blocks, shape, keep=keep, with_meta=False, first_block=self.first_block,
+                          config=self.config)
+
+    def nonfinite_positions(self, index: int) -> tuple[int, ...]:
+        return dict(self.nonfinite).get(index, ())
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class RowFilter:
     exclude_bos: bool = True
     # Norm above which a non-BOS token is an outlier (see cache._finalize); None keeps all.
     threshold: float | None = None
+    # Leave out rows holding a NaN or an Inf. The data module refuses a cache that has any
+    # unless asked to drop them; with a threshold they fail the norm test anyway.
+    drop_nonfinite: bool = False
 
     def __call__(self, acts: np.ndarray) -> np.ndarray:
         return acts[self.mask(acts)]
@@ -77,12 +92,23 @@ class RowFilter:
         keep = np.ones(len(acts), dtype=bool)
         keep[0] = not self.exclude_bos
         if self.threshold is not None:
-            keep[1:] = row_norms(acts[1:], self.dtype) <= self.threshold
+            keep[1:] = (row_norms(acts[1:], self.dtype) <= self.threshold) & finite_rows(acts[1:], self.dtype)
+        if self.drop_nonfinite:
+            keep &= finite_rows(acts, self.dtype)
         return keep
 
-    def count(self, shape: tuple[int, int], inliers: int | None) -> int:
-        body = shape[0] - 1 if self.threshold is None or inliers is None else inliers
-        return body + (0 if self.exclude_bos else 1)
+    def count(self, length: int, inliers: int | None, nonfinite: tuple[int, ...] = ()) -> int:
+        """Rows of a block of `length` tokens, from the manifest's counts: `inliers` (finite
+        non-BOS tokens under the threshold) and the positions holding NaN / Inf."""
+        dropped = set(nonfinite) if self.drop_nonfinite or self.threshold is not None else set()
+        if self.threshold is not None:
+            if inliers is None:
+                raise ValueError("counting rows under an outlier threshold needs the manifest's per-block inlier counts")
+            body = inliers
+        else:
+            body = length - 1 - len(dropped - {0})
+        bos = 0 if self.exclude_bos or (self.drop_nonfinite and 0 in nonfinite) else 1
+        return body + bos
 
 
 class TrainStream(IterableDataset):
@@ -132,7 +158,7 @@ class TrainStream(IterableDataset):
         while True:
             shard = shards[rng.integers(len(shards))]
             try:
-                for block in iter_shard(shard.url, shard.blocks, self.shape, keep=part.keep, with_meta=False):
+                for block in shard.read(self.shape, keep=part.keep):
                     rows = self.rows(block.acts)
                     buffer.append(rows)
                     size += len(rows)
@@ -159,8 +185,20 @@ class TrainStream(IterableDataset):
                     raise CorruptShardError(shard.url, "every training shard of this process was skipped as corrupt") from e
 
 
+def batch_sizes(rows: int, n: int, batch_size: int) -> list[int]:
+    """`n` batch sizes of at most `batch_size` adding up to `rows` (n * batch_size >= rows):
+    full batches first, then smaller ones, each holding at least one row while rows last."""
+    sizes = []
+    for i in range(n):
+        size = max(0, min(batch_size, rows - (n - i - 1)))
+        sizes.append(size)
+        rows -= size
+    return sizes
+
+
 class ValStream(IterableDataset):
-    """A fixed list of batches; `len()` is the same on every rank."""
+    """The whole validation split, every row once over all ranks; `len()` is the same on every
+    rank. Rank r scores blocks [r * N // W, (r + 1) * N // W) of the N val blocks."""
 
     def __init__(
         self,
@@ -174,17 +212,30 @@ class ValStream(IterableDataset):
         skip_corrupt: bool = False,
         on_skip: Callable[[str], None] | None = None,
     ):
+        if batch_size < 1:
+            raise ValueError(f"val_batch_size must be a positive integer, got {batch_size!r}.")
         total = sum(s.blocks for s in shards)
-        per_rank = total // world_size
-        self.lo, self.hi = rank * per_rank, (rank + 1) * per_rank
-        counts = [rows.count(shape, n) for s in shards for n in (s.inliers or [None] * s.blocks)]
-        # Dropped outliers make ranges differ slightly; every rank yields the smallest count.
-        self.num_batches = min(sum(counts[r * per_rank : (r + 1) * per_rank]) for r in range(world_size)) // batch_size
+        bounds = [r * total // world_size for r in range(world_size + 1)]
+        self.lo, self.hi = bounds[rank], bounds[rank + 1]
+        counts = [
+            rows.count(shape[0], n, s.nonfinite_positions(s.first_block + i))
+            for s in shards for i, n in enumerate(s.inliers or [None] * s.blocks)
+        ]
+        per_rank = [sum(counts[bounds[r] : bounds[r + 1]]) for r in range(world_size)]
+        self.rows_expected = per_rank[rank]
+        self.num_batches = max(-(-n // batch_size) for n in per_rank)
         if self.num_batches == 0:
             raise ValueError(
-                f"validation: {total} val blocks of {shape[0]} tokens over {world_size} rank(s) do not fill one "
-                f"batch of {batch_size}; lower val_batch_size or raise val_tokens."
+                f"validation: the {total} val blocks hold no rows to score (every token filtered out); raise "
+                f"val_tokens or check exclude_bos / exclude_outliers."
             )
+        if self.rows_expected < self.num_batches:
+            log.warning(
+                "validation: rank %d of %d gets %d rows for %d batches (the val split has %d blocks); some of "
+                "its batches are empty. Raise val_tokens or use fewer ranks.",
+                rank, world_size, self.rows_expected, self.num_batches, total,
+            )
+        self.sizes = batch_sizes(self.rows_expected, self.num_batches, batch_size)
         self.shards, self.total = list(shards), total
         self.shape, self.dtype, self.batch_size = tuple(shape), dtype, batch_size
         self.rows, self.skip_corrupt, self.on_skip = rows, skip_corrupt, on_skip
@@ -193,42 +244,42 @@ class ValStream(IterableDataset):
         return self.num_batches
 
     def _blocks(self) -> Iterator[np.ndarray]:
-        # Own range first. If corrupt shards were skipped, carry on through the whole split (and
-        # round again) so this rank still yields num_batches: overlapping another rank's data
-        # beats a DDP deadlock in the validation loop.
-        order = [s for s in self.shards if s.first_block + s.blocks > self.lo and s.first_block < self.hi]
-        bad: set[str] = set()
-        passes = itertools.chain([(order, lambda i: self.lo <= i < self.hi)], itertools.repeat((self.shards, None)))
-        for shards, keep in passes:
-            produced = False
-            for shard in shards:
-                if shard.url in bad:
-                    continue
-                try:
-                    for block in iter_shard(shard.url, shard.blocks, self.shape, keep=keep, with_meta=False):
-                        produced = True
-                        yield self.rows(block.acts)
-                except CorruptShardError:
-                    if not self.skip_corrupt:
-                        raise
-                    bad.add(shard.url)
-                    log.warning("skipping corrupt validation shard %s", shard.url)
-                    if self.on_skip is not None:
-                        self.on_skip(shard.url)
-            if keep is None and not produced:
-                raise CorruptShardError(self.shards[0].url, "every validation shard was skipped as corrupt")
+        # This rank's range only. A corrupt shard skipped (skip_corrupt) loses its rows, counted
+        # by on_skip; the batch count stays the same (padded with empty batches).
+        for shard in self.shards:
+            if shard.first_block + shard.blocks <= self.lo or shard.first_block >= self.hi:
+                continue
+            try:
+                for block in shard.read(self.shape, keep=lambda i: self.lo <= i < self.hi):
+                    yield self.rows(block.acts)
+            except CorruptShardError as e:
+                if not self.skip_corrupt:
+                    raise
+                log.warning("skipping corrupt validation shard %s (%s)", shard.url, e)
+                if self.on_skip is not None:
+                    self.on_skip(shard.url)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        pending, size, emitted = [], 0, 0
-        for rows in self._blocks():
-            pending.append(rows)
-            size += len(rows)
-            if size >= self.batch_size:
-                pool = np.concatenate(pending)
-                n = min(len(pool) // self.batch_size, self.num_batches - emitted)
-                for b in range(n):
-                    yield decode_acts(pool[b * self.batch_size : (b + 1) * self.batch_size], self.dtype)
-                emitted += n
-                if emitted == self.num_batches:
-                    return
-                pending, size = [pool[n * self.batch_size :]], len(pool) - n * self.batch_size
+        blocks = self._blocks()
+        pending, have, emitted = [], 0, 0
+        for size in self.sizes:
+            while have < size:
+                rows = next(blocks, None)
+                if rows is None:
+                    break  # rows lost to a skipped shard
+                pending.append(rows)
+                have += len(rows)
+            if have == 0:
+                break
+            pool = np.concatenate(pending)
+            take = min(size, have)
+            yield decode_acts(pool[:take], self.dtype)
+            emitted += 1
+            pending, have = [pool[take:]], have - take
+        # Read to the end, so that a shard cut short after the last row this rank needs is
+        # still noticed (iter_shard checks the block count when a shard ends).
+        have += sum(len(rows) for rows in blocks)
+        if have:
+            raise CorruptShardError(self.shards[-1].url, f"validation found {have} rows more than the manifest counts")
+        for _ in range(self.num_batches - emitted):
+            yield torch.empty((0, self.shape[1]), dtype=torch.float32)

@@ -7,21 +7,27 @@ Model specs (one string, as in configs):
   "/path/to/folder"          a `save_pretrained` folder
   "org/name"                 a hub id (needs network or a populated HF cache)
 
-Hookpoint specs:
+Hookpoint specs (all of them in sae_lit.data.hookpoints):
   "resid_post.L"             residual stream after block L (the block's output)
-  "blocks.L.hook_resid_post" the same, TransformerLens spelling
+  "blocks.L.hook_resid_post" the same, TransformerLens spelling; also resid_pre / resid_mid /
+                             attn_out / mlp_out / mlp_post, and OpenAI's location names
   "model.layers.5.mlp"       any module path; its output (first element if it returns a tuple)
+  "model.layers.5.mlp:input" a module's input
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import re
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sae_lit.data.hookpoints import (TAP, Hookpoint, find_blocks, resolve_hookpoint, sae_hook_module, sae_hookpoint,
+                                     same_model)
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_ALIASES = ("smollm2-135m", "embedded", "default", "")
@@ -57,6 +63,15 @@ def canonical_model(spec: str) -> str:
     return spec
 
 
+MODEL_SPECS = "a local folder (save_pretrained), a .gguf file, a hub id 'org/name', or 'smollm2-135m' (embedded)"
+
+
+def looks_like_path(spec: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, a leading '.' / '~' or a
+    .gguf suffix can only be a local path."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec or spec.endswith(".gguf")
+
+
 def _pretrained_args(spec: str) -> tuple[str, dict]:
     """(name_or_path, extra kwargs) for the transformers `from_pretrained` calls."""
     spec = canonical_model(spec)
@@ -64,11 +79,25 @@ def _pretrained_args(spec: str) -> tuple[str, dict]:
         path = embedded_model_file()
         return str(path.parent), {"gguf_file": path.name}
     p = Path(spec)
+    if not p.exists() and looks_like_path(spec):
+        raise FileNotFoundError(f"model {spec!r} does not exist; model takes {MODEL_SPECS}.")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"model: GGUF file {p} does not exist.")
         return str(p.parent), {"gguf_file": p.name}
     return spec, {}
+
+
+def runs_packed_gguf(spec: str) -> bool:
+    """Whether transformers would keep this model's GGUF weights packed (the `kernels` package
+    has a GGUF matmul kernel): those kernels compute in float32, and a bf16 model only casts."""
+    if "gguf_file" not in _pretrained_args(spec)[1]:
+        return False
+    try:
+        from transformers.integrations.gguf.kernels import get_gguf_kernel
+    except ImportError:  # a transformers without packed GGUF support de-quantises
+        return False
+    return bool(get_gguf_kernel())
 
 
 def hub_name(spec: str) -> str:
@@ -84,7 +113,16 @@ def load_config(spec: str):
     from transformers import AutoConfig
 
     name, kwargs = _pretrained_args(spec)
-    return AutoConfig.from_pretrained(name, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if Path(name).exists():
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"model {spec!r} is not a local folder or file, and loading it as a hub id failed ({reason}). "
+            f"model takes {MODEL_SPECS}."
+        ) from e
 
 
 def load_tokenizer(spec: str):
@@ -104,6 +142,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _not_packed_note(record: logging.LogRecord) -> bool:
+    # transformers says that packed GGUF weights are fastest in float32 even when it goes on to
+    # de-quantise them (no `kernels` package): then a bf16 model is plain bf16 GEMMs.
+    return "weights packed is fastest in float32" not in record.getMessage()
+
+
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto") -> nn.Module:
     """An eval-mode causal LM without gradients. dtype "auto": float32 on CPU (bf16 matmuls are
     slow there), bfloat16 on accelerators."""
@@ -115,64 +159,25 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     else:
         torch_dtype = getattr(torch, dtype)
     name, kwargs = _pretrained_args(spec)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # seconds of de-quantising and loading: no bars for that
+    gguf_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    gguf_log.addFilter(_not_packed_note)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    finally:
+        gguf_log.removeFilter(_not_packed_note)
+        if bars:
+            hf_logging.enable_progress_bar()
     # GGUF weights come back de-quantized to float32 whatever dtype was asked for.
     model = model.to(device=device, dtype=torch_dtype)
     model.eval().requires_grad_(False)
     return model
 
 
-# --- hookpoints ---------------------------------------------------------------------------
-
-_RESID = re.compile(r"^(?:resid_post\.(-?\d+)|blocks\.(-?\d+)\.hook_resid_post)$")
-
-
-@dataclass(frozen=True)
-class Hookpoint:
-    spec: str  # as the user wrote it, e.g. "resid_post.15"
-    module_path: str  # transformers module path, e.g. "model.layers.15" (SAELens hook_name)
-    block_index: int | None  # block the hookpoint sits in; the forward stops inside it
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks: the list whose length is the layer count (model.layers
-    for llama/mistral/qwen, transformer.h for gpt2, gpt_neox.layers, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    candidates = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
-    ]
-    if not candidates:
-        raise ValueError(
-            f"Could not find the transformer blocks of {type(model).__name__} (no nn.ModuleList of "
-            f"length num_hidden_layers={n_layers}); use a module path as hookpoint instead."
-        )
-    # The outermost list is the block stack; nested lists (e.g. experts) sit deeper.
-    return min(candidates, key=lambda c: c[0].count("."))
-
-
-def resolve_hookpoint(model: nn.Module, spec: str) -> Hookpoint:
-    blocks_path, blocks = find_blocks(model)
-    m = _RESID.match(spec.strip())
-    if m:
-        layer = int(m.group(1) if m.group(1) is not None else m.group(2))
-        n = len(blocks)
-        if not -n <= layer < n:
-            raise ValueError(f"hookpoint {spec!r}: the model has {n} blocks (0..{n - 1}).")
-        layer %= n
-        return Hookpoint(spec, f"{blocks_path}.{layer}", layer)
-    try:
-        model.get_submodule(spec)
-    except AttributeError:
-        raise ValueError(
-            f"hookpoint {spec!r} is neither resid_post.L nor a module path of {type(model).__name__} "
-            f"(blocks live at {blocks_path!r}, e.g. {blocks_path}.0.mlp)."
-        ) from None
-    block_index = None
-    if spec.startswith(blocks_path + "."):
-        block_index = int(spec[len(blocks_path) + 1 :].split(".")[0])
-    return Hookpoint(spec, spec, block_index)
+# --- hookpoints (named in sae_lit.data.hookpoints) ----------------------------------------
 
 
 def _meta_model(spec: str) -> nn.Module:
@@ -192,7 +197,20 @@ def hookpoint_info(model_spec: str, hookpoint: str) -> tuple[Hookpoint, int]:
     hp = resolve_hookpoint(model, hookpoint)
     module = model.get_submodule(hp.module_path)
     hidden = model.config.hidden_size
-    if hp.block_index is not None and hp.module_path.count(".") == find_blocks(model)[0].count(".") + 1:
+    block_depth = find_blocks(model)[0].count(".") + 1
+    if hp.module_path.endswith("." + TAP):  # an input tap: the width its parent reads
+        parent_path = hp.module_path[: -len(TAP) - 1]
+        parent = model.get_submodule(parent_path)
+        if isinstance(parent, nn.Linear):
+            return hp, parent.in_features
+        weight = getattr(parent, "weight", None)
+        if type(parent).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            return hp, weight.shape[0]  # GPT-2's Conv1D stores [in, out]
+        if hp.block_index is not None and parent_path.count(".") == block_depth:
+            return hp, hidden  # a block's input: the residual stream
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return hp, weight.shape[0]  # a norm's input
+    elif hp.block_index is not None and hp.module_path.count(".") == block_depth:
         return hp, hidden  # a whole block: its output is the residual stream
     if isinstance(module, nn.Linear):
         return hp, module.out_features
@@ -205,6 +223,18 @@ def hookpoint_info(model_spec: str, hookpoint: str) -> tuple[Hookpoint, int]:
     probe = load_model(model_spec, "cpu")
     with torch.inference_mode():
         return hp, HookedForward(probe, hookpoint)(torch.zeros(1, 2, dtype=torch.long)).shape[-1]
+
+
+def published_sae_hook(metadata: dict | None, model_spec: str, sae_name: str = "the SAE") -> str | None:
+    """Where an SAE's metadata (model_name, hook_name, ... in any library's spelling) says it reads,
+    as a module path of ``model_spec`` (a cache manifest's hook_name), None when it does not say;
+    warns when it names another model than ``model_spec``."""
+    meta = metadata or {}
+    sae_model = meta.get("model_name")
+    if not (same_model(sae_model, hub_name(model_spec)) or same_model(sae_model, canonical_model(model_spec))):
+        log.warning("%s was trained on %s, not on the configured model %s; going on anyway", sae_name, sae_model,
+                    hub_name(model_spec))
+    return sae_hook_module(meta, _meta_model(model_spec)) if sae_hookpoint(meta) else None
 
 
 # --- the truncated forward ----------------------------------------------------------------

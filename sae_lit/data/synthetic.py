@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from sae_lit.common import data_rank
+
 
 class _SyntheticStream(IterableDataset):
     def __init__(self, dm: "SyntheticActivationDataModule", seed: int, num_batches: int | None, batch_ids=None, start=0):
@@ -62,8 +64,7 @@ class SyntheticActivationDataModule(L.LightningDataModule):
         return self.scale * x
 
     def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        return data_rank(self.trainer)
 
     def init_sample(self, n: int = 32768) -> torch.Tensor:
         return self.make_batch(self.seed + 7_777_777, n)

@@ -5,14 +5,21 @@ pre-activations, the decoder directions and the dictionary size. Our TopKSAE wor
 normalised space (a constant scale or a per-token layer norm) and says so by having
 ``normalize_input`` / ``denormalize``; the adapter undoes it. Any other object with
 ``encode(x) -> (values, indices)`` and ``decode(values, indices)`` that decodes straight to
-raw activations works too (DESIGN.md: evals take any SAE). What the SAE offers is looked up
-once, here, not at every call.
+raw activations works too (DESIGN.md: evals take any SAE), and so does one with dense codes,
+``encode(x) -> [B, n]`` and ``decode(codes)``. A SAELens ``SAE`` or a sparsify ``SparseCoder``
+is converted to our TopKSAE once (sae_lit.model.formats: the same outputs, checked against those
+libraries), so the evals read its exact pre-activations and decoder directions. What the SAE
+offers is looked up once, here, not at every call.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import Tensor
 
+from sae_lit.model.activations import compact
+from sae_lit.model.formats import load_sae, object_kind
 from sae_lit.model.sae import TopKSAE
 
 
@@ -20,8 +27,13 @@ class SAEAdapter:
     def __init__(self, sae):
         if isinstance(sae, SAEAdapter):
             raise TypeError("already an SAEAdapter: use as_adapter(sae)")
+        self.source = sae
+        if not isinstance(sae, TopKSAE) and object_kind(sae) is not None:
+            sae = load_sae(sae, device=_device_dtype(sae)[0])
         self.sae = sae
         self.ours = isinstance(sae, TopKSAE)
+        # encode gives dense [B, n] codes and decode takes them (SAELens-style, one argument)
+        self.dense_codes_api = not self.ours and _takes_one_argument(getattr(sae, "decode", None))
         # decode() lands in a normalised space that normalize_input / denormalize define
         self.normalised = self.ours or (callable(getattr(sae, "normalize_input", None))
                                         and callable(getattr(sae, "denormalize", None)))
@@ -45,13 +57,18 @@ class SAEAdapter:
         """Raw activations [B, d] -> (values, indices) on the SAE's device. ``k`` only for
         SAEs whose encode accepts it (TopKSAE); others raise."""
         out = self.sae.encode(self._in(x)) if k is None else self.sae.encode(self._in(x), k=k)
+        if self.dense_codes_api:
+            return compact(out)
         return out[0], out[1]
 
     @torch.no_grad()
     def decode(self, values: Tensor, indices: Tensor, x: Tensor) -> Tensor:
         """(values, indices) -> raw activations. ``x`` (the raw input) is needed for per-token
         normalisations (layer_norm), whose inverse depends on the token."""
-        out = self.sae.decode(values, indices)
+        if self.dense_codes_api:
+            out = self.sae.decode(densify(values.to(self.dtype), indices, self.num_latents))
+        else:
+            out = self.sae.decode(values, indices)
         if self.normalised:
             out = self.sae.denormalize(out, self.sae.normalize_input(self._in(x))[1])
         return out
@@ -142,6 +159,17 @@ def densify(values: Tensor, indices: Tensor, n: int) -> Tensor:
     """(values, indices) [B, k] -> dense [B, n]. Duplicate indices (none for TopK) add up."""
     dense = values.new_zeros(values.shape[0], n)
     return dense.scatter_add_(1, indices.long(), values)
+
+
+def _takes_one_argument(fn) -> bool:
+    if not callable(fn):
+        return False
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1
 
 
 def _device_dtype(sae) -> tuple[torch.device, torch.dtype]:

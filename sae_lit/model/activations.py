@@ -26,6 +26,9 @@ Variants:
   so L0 is k on average but varies per token. At inference, a threshold theta (an EMA of the
   smallest value selected in training batches) replaces the batch: z = pre where pre > theta
   (a JumpReLU, exported as such).
+- ``jumprelu`` (Rajamanoharan et al. 2024; Gemma Scope): z = ReLU(pre) where pre > theta_j, a
+  threshold per latent. Loaded from other libraries' files (SAELens jumprelu); its thresholds
+  are fixed here (no straight-through estimator), so it is not trained by sae_lit.
 - ``matryoshka`` (Bussmann et al. 2025): BatchTopK whose nested prefixes of the dictionary
   (latents [0, m_1), [0, m_2), ..., [0, n)) must each reconstruct x on their own; the loss
   is the sum of the prefix NMSEs, so early latents learn general features.
@@ -39,7 +42,9 @@ from torch import Tensor, nn
 
 from sae_lit.model import losses
 
-DENSE_ACTIVATIONS = ("relu", "prolu", "gated", "batchtopk", "matryoshka")
+DENSE_ACTIVATIONS = ("relu", "prolu", "gated", "batchtopk", "matryoshka", "jumprelu")
+# Loaded from other libraries' files, not trained here.
+LOADED_ONLY = ("jumprelu",)
 
 
 class Weights(NamedTuple):
@@ -183,6 +188,24 @@ class BatchTopKActivation(DenseActivation):
         return torch.where(pre > self.threshold.to(pre.dtype), pre, torch.zeros_like(pre)).relu()
 
 
+class JumpReLUActivation(DenseActivation):
+    name = "jumprelu"
+
+    def __init__(self, num_latents: int):
+        super().__init__()
+        self.register_buffer("threshold", torch.zeros(num_latents))
+
+    def forward(self, w, x_c):
+        raise NotImplementedError(
+            "activation 'jumprelu' is for loaded SAEs (fixed per-latent thresholds); sae_lit does not train it: "
+            "train 'batchtopk' (exported as a JumpReLU) instead"
+        )
+
+    def infer(self, w, x_c):
+        pre = pre_acts(w, x_c)
+        return pre.relu() * (pre > self.threshold.to(pre.dtype))
+
+
 class MatryoshkaActivation(BatchTopKActivation):
     name = "matryoshka"
 
@@ -220,6 +243,8 @@ def make_activation(name: str, num_latents: int, k: int, matryoshka_prefixes: li
         return BatchTopKActivation(k)
     if name == "matryoshka":
         return MatryoshkaActivation(k, num_latents, matryoshka_prefixes)
+    if name == "jumprelu":
+        return JumpReLUActivation(num_latents)
     raise ValueError(f"activation must be one of topk, {', '.join(DENSE_ACTIVATIONS)}; got {name!r}")
 
 

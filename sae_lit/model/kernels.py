@@ -245,20 +245,26 @@ class TopKTrainStep(torch.autograd.Function):
     parameter (the AuxK rows added in place) instead of autograd allocating, zero-filling
     and summing a dense [n, d] gradient per use, and gives b_dec's gradient through the
     encoder as one GEMV instead of a [B, d] gather. The input x_c is treated as data.
+
+    Latent-sharded (sae_lit.model.sharded): the weights are this shard's rows, the selection
+    holds only this shard's latents (the others at value 0), and ``reduce`` sums a list of
+    tensors in place over the shards. It completes the partial decodes before b_dec is added
+    and, in backward, b_dec's gradient through the encoder; what reaches b_dec through the
+    decodes is the same on every shard and is not summed.
     """
 
     @staticmethod
     def forward(ctx, W_enc, b_enc, W_dec, b_dec, x_c, top_i, top_v, k: int, multi: bool,
-                dead_rows, aux_local, aux_v, aux_z, aux_dtype: torch.dtype | None = None):
+                dead_rows, aux_local, aux_v, aux_z, aux_dtype: torch.dtype | None = None, reduce=None):
         """AuxK comes either as ``aux_z``, the dense [B, n_dead] block of ReLU'd top-k_aux
         pre-activations of the latents ``dead_rows`` (GEMMs), or as ``aux_local`` /
         ``aux_v`` [B, k_aux], positions in ``dead_rows`` and pre-activations (gathers)."""
         ctx.set_materialize_grads(False)
         v = top_v.relu()
-        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec).add_(b_dec)
+        recon_k = gather_sum(top_i[:, :k], v[:, :k], W_dec)
         empty = recon_k.new_empty(0)
         # Multi-TopK: the 4k-latent reconstruction is the k-latent one plus the other 3k.
-        recon_all = gather_sum(top_i[:, k:].contiguous(), v[:, k:].contiguous(), W_dec).add_(recon_k) if multi else empty
+        recon_all = gather_sum(top_i[:, k:].contiguous(), v[:, k:].contiguous(), W_dec) if multi else empty
         aux_hat, z, W_dead = empty, None, None
         aux_dense = dead_rows is not None and aux_z is not None
         if aux_dense:
@@ -274,7 +280,12 @@ class TopKTrainStep(torch.autograd.Function):
         elif dead_rows is not None:
             z = aux_v.relu()
             aux_hat = gather_sum(dead_rows[aux_local], z, W_dec)
-        ctx.k, ctx.multi, ctx.aux_dense = k, multi, aux_dense
+        if reduce is not None:
+            reduce([t for t in (recon_k, recon_all, aux_hat) if t.numel()])
+        recon_k.add_(b_dec)
+        if multi:
+            recon_all.add_(recon_k)
+        ctx.k, ctx.multi, ctx.aux_dense, ctx.reduce = k, multi, aux_dense, reduce
         ctx.save_for_backward(W_enc, W_dec, x_c, top_i, top_v, dead_rows, aux_local, aux_v, z, W_dead)
         return recon_k, recon_all, aux_hat
 
@@ -303,12 +314,13 @@ class TopKTrainStep(torch.autograd.Function):
         gW_enc = scatter_outer(top_i, g_v, x_c, n)
         gb_enc = torch.zeros(n, dtype=W_enc.dtype, device=W_enc.device)
         gb_enc.index_add_(0, top_i.reshape(-1), g_v.reshape(-1))
-        # pre = W_enc (x - b_dec) + b_enc: sum_{b,j} g_bj W_enc[i_bj] = (per-latent sums) @ W_enc
-        gb_dec -= gb_enc @ W_enc
         if gW_dec is None:
             gW_dec = torch.zeros_like(W_dec)
         if g_aux is not None and dead_rows is not None:
-            # AuxK rows only; its input is detached, so nothing reaches b_dec or live latents.
+            # AuxK trains the dead latents' rows, and b_dec (the paper's b_pre) as in the
+            # reference code: its decode includes b_pre (against a target holding a detached
+            # b_pre), and its encoder reads x - b_pre. Live latents get nothing.
+            gb_dec += g_aux.sum(0, dtype=gb_dec.dtype)
             if ctx.aux_dense:
                 dt = z.dtype
                 g_aux = g_aux.to(dt)
@@ -323,7 +335,13 @@ class TopKTrainStep(torch.autograd.Function):
                 gW_dec += scatter_outer(idx, z, g_aux, n)
                 gW_enc += scatter_outer(idx, g_z, x_c, n)
                 gb_enc.index_add_(0, idx.reshape(-1), g_z.reshape(-1))
-        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None
+        # pre = W_enc (x - b_dec) + b_enc: sum_{b,j} g_bj W_enc[i_bj] = (per-latent sums) @ W_enc,
+        # the main code's and AuxK's latents alike.
+        through_encoder = gb_enc @ W_enc
+        if ctx.reduce is not None:
+            ctx.reduce([through_encoder])
+        gb_dec -= through_encoder
+        return gW_enc, gb_enc, gW_dec, gb_dec, None, None, None, None, None, None, None, None, None, None, None
 
 
 class ReconLosses(torch.autograd.Function):
@@ -331,14 +349,15 @@ class ReconLosses(torch.autograd.Function):
 
     Returns (nmse, multi_topk_nmse, auxk) with the values of ``losses.nmse`` of recon_k and
     of recon_all (0 when recon_all is empty) and ``losses.auxk_loss`` of aux_hat against
-    the detached residual x_n - recon_k (0 when aux_hat is empty). ``x_n`` and ``denom``
+    the detached residual x_n - recon_k (0 when aux_hat is empty, and 0 with a zero gradient
+    when it is not finite). ``x_n`` and ``denom``
     (its total variance) are data. Autograd through the generic formulas spends about ten
     [B, d] elementwise passes on these; here each error is formed once, reduced with a dot
     product, and scaled once in backward.
     """
 
     @staticmethod
-    def forward(ctx, x_n, denom, recon_k, recon_all, aux_hat, aux_scale: float):
+    def forward(ctx, x_n, denom, recon_k, recon_all, aux_hat):
         ctx.set_materialize_grads(False)
         tiny = torch.finfo(denom.dtype).tiny
         den = denom.clamp_min(tiny)
@@ -354,10 +373,12 @@ class ReconLosses(torch.autograd.Function):
             # residual = x_n - recon_k = -e_k; its total variance is e_k's.
             den_aux = losses.total_variance(e_k).clamp_min(tiny)
             aux_err = aux_hat + e_k  # aux_hat - residual
-            loss = aux_scale * torch.dot(aux_err.reshape(-1), aux_err.reshape(-1)) / den_aux
+            loss = torch.dot(aux_err.reshape(-1), aux_err.reshape(-1)) / den_aux
             finite = torch.isfinite(loss)  # no host sync: a non-finite loss becomes 0, no gradient
             auxk = torch.where(finite, loss, zero)
-            c_aux = torch.where(finite, 2 * aux_scale / den_aux, zero)
+            c_aux = torch.where(finite, 2 / den_aux, zero)
+            # aux_err * 0 is NaN where aux_err is not finite: zero the error itself.
+            aux_err = torch.where(finite, aux_err, zero)
         ctx.save_for_backward(e_k, e_all, aux_err, den, c_aux)
         return nmse, multi, auxk
 
@@ -371,7 +392,7 @@ class ReconLosses(torch.autograd.Function):
             g_all = e_all * (2 * g_multi / den)
         if g_aux is not None and aux_err is not None:
             g_hat = aux_err * (c_aux * g_aux)
-        return None, None, g_k, g_all, g_hat, None
+        return None, None, g_k, g_all, g_hat
 
 
 class StepBuffer:

@@ -25,26 +25,22 @@ def nmse(x: Tensor, x_hat: Tensor, denom: Tensor | None = None) -> Tensor:
     return (x - x_hat).pow(2).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny)
 
 
-def auxk_loss(residual: Tensor, residual_hat: Tensor, n_dead: int, k_aux: int) -> Tensor:
+def auxk_loss(residual: Tensor, residual_hat: Tensor) -> Tensor:
     """AuxK loss (Gao et al. 2024, sec. A.2): the dead latents' top-k_aux model the residual.
 
-    ``residual`` = x - x_hat, detached; ``residual_hat`` = the dead latents' decoding without
-    the bias. Normalised by the residual's variance like the main loss, and scaled by
-    min(n_dead / k_aux, 1) so that a handful of dead latents does not dominate. Never NaN:
-    a zero-variance residual gives zero.
+    ``residual`` = x - x_hat, detached; ``residual_hat`` = the dead latents' decoding. As in
+    the reference code, sum ||residual - residual_hat||^2 / total variance of the residual (the
+    reference decodes with b_pre against residual + b_pre.detach(): the same value, and the
+    caller passes residual_hat + (b_pre - b_pre.detach()) for the same gradient). Never NaN:
+    a zero-variance residual or a non-finite decoding gives 0 and a zero gradient.
     """
-    if n_dead == 0:
-        return residual_hat.sum() * 0.0
-    denom = total_variance(residual)
-    scale = auxk_scale(n_dead, k_aux)
-    loss = scale * (residual - residual_hat).pow(2).sum() / denom.clamp_min(torch.finfo(denom.dtype).tiny)
-    # No host sync: a non-finite loss (e.g. an inf residual) is zeroed on the device.
+    denom = total_variance(residual).clamp_min(torch.finfo(residual.dtype).tiny)
+    diff = residual - residual_hat
+    # No host sync: a non-finite decoding is zeroed on the device before the square, so that
+    # its gradient is 0 rather than NaN (inf * 0).
+    diff = torch.where(torch.isfinite(diff).all(), diff, torch.zeros_like(diff))
+    loss = diff.pow(2).sum() / denom
     return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-
-
-def auxk_scale(n_dead: int, k_aux: int) -> float:
-    """AuxK's weight when few latents are dead: min(n_dead / k_aux, 1)."""
-    return min(n_dead / k_aux, 1.0)
 
 
 def l1_penalty(values: Tensor, decoder_norms: Tensor) -> Tensor:

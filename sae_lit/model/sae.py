@@ -27,8 +27,9 @@ from sae_lit.model import kernels, losses, native
 from sae_lit.model.activations import DENSE_ACTIVATIONS, Weights, compact, make_activation
 
 Normalize = Literal["constant", "layer_norm", "none"]
-Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka"]
+Activation = Literal["topk", "relu", "prolu", "gated", "batchtopk", "matryoshka", "jumprelu"]
 BDecInit = Literal["geometric_median", "mean", "zero"]
+LAYER_NORM_EPS = 1e-5
 
 
 @dataclass
@@ -46,14 +47,16 @@ class SAEConfig:
     activation: Activation = "topk"
     """"topk" (the paper's); baselines "relu", "prolu", "gated" (trained with an L1 penalty,
     see the module's l1_coeff); "batchtopk" and "matryoshka" (k per token on average, a
-    JumpReLU threshold at inference). See sae_lit.model.activations."""
+    JumpReLU threshold at inference); "jumprelu" (per-latent thresholds; loaded SAEs only, not
+    trained). See sae_lit.model.activations."""
     k_aux: int = 512
     """Dead latents per token that AuxK decodes (capped at num_latents / 2)."""
     multi_topk: bool = False
     """Also decode the top 4k latents, for the loss L(k) + L(4k)/8 (progressive codes)."""
     normalize: Normalize = "constant"
     """"constant": one dataset scale s with E||s x||^2 = d_in (folded into the export);
-    "layer_norm": per token; "none"."""
+    "layer_norm": per token (x - mean) / (unbiased std + 1e-5), as openai/sparse_autoencoder and
+    SAELens; "none"."""
     tied_init: bool = True
     """Initialise W_enc as W_dec's transpose (paper sec. 2.4)."""
     b_dec_init: BDecInit = "geometric_median"
@@ -102,7 +105,7 @@ class ForwardOutput(NamedTuple):
     nmse: Tensor
     """Batch FVU of the k-sparse reconstruction: sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
     auxk_loss: Tensor
-    """AuxK loss of the dead latents (already scaled by min(n_dead/k_aux, 1); not by alpha)."""
+    """AuxK loss of the dead latents (not weighted by alpha)."""
     multi_topk_nmse: Tensor
     """Batch FVU when decoding the top 4k (Multi-TopK); 0 when multi_topk is off."""
     l1_loss: Tensor
@@ -110,6 +113,11 @@ class ForwardOutput(NamedTuple):
     extra_loss: Tensor
     """Variant-specific loss, already weighted (Gated's gate reconstruction, Matryoshka's
     prefix NMSEs); 0 for TopK and ReLU."""
+    dead_margin: Tensor | None = None
+    """[B] with ``diagnose``: per token, the largest pre-activation among AuxK's dead latents
+    minus the token's k-th largest pre-activation (the firing threshold). Always <= 0 (a dead
+    latent above it would fire); how close to 0 it gets shows whether AuxK brings the dead
+    latents toward firing. None without diagnose or without dead latents (TopK only)."""
 
 
 class _Selection(NamedTuple):
@@ -127,6 +135,8 @@ class _Selection(NamedTuple):
     """[B, k_aux] AuxK pre-activations (gather path)."""
     aux_local: Tensor | None
     """[B, k_aux] positions of aux_v in dead_rows."""
+    dead_margin: Tensor | None = None
+    """See ForwardOutput.dead_margin."""
 
 
 class TopKSAE(nn.Module):
@@ -142,13 +152,8 @@ class TopKSAE(nn.Module):
             raise ValueError(f"d_in must be positive, got {cfg.d_in}")
         self.cfg = cfg
         n, d = cfg.num_latents, cfg.d_in
-        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        W_dec = torch.randn(n, d, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec, W_enc = init_rows(cfg, 0, n)
         self.W_dec = nn.Parameter(W_dec)
-        # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
-        # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
-        W_enc = W_dec.clone() if cfg.tied_init else torch.randn(n, d, generator=gen) / math.sqrt(d)
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -178,10 +183,14 @@ class TopKSAE(nn.Module):
     def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Input in the space the SAE works in, plus what is needed to undo it."""
         if self.normalize == "layer_norm":
+            # openai/sparse_autoencoder's LN (SAELens copies it): the *unbiased* std, with eps
+            # added to the std rather than the variance. Ours matches it exactly so that our
+            # layer_norm exports and their files compute the same thing. The inverse multiplies
+            # by the std alone (without eps), as theirs does.
             mu = x.mean(-1, keepdim=True)
             xc = x - mu
-            std = xc.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
-            return xc / std, (mu, std)
+            std = xc.std(-1, keepdim=True)
+            return xc / (std + LAYER_NORM_EPS), (mu, std)
         if self.normalize == "constant":
             return x * self.input_scale.to(x.dtype), None
         return x, None
@@ -240,10 +249,13 @@ class TopKSAE(nn.Module):
         return self.encode_decode(x, k)[0]
 
     # ---------------------------------------------------------------- training forward
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, diagnose: bool = False) -> ForwardOutput:
         """Training forward on raw activations [B, d_in]; losses in the normalised space.
 
-        ``dead_mask`` [num_latents] bool marks the latents that get the AuxK loss. TopK runs
+        ``dead_mask`` [num_latents] bool marks the latents that count as dead once this batch
+        is counted (tokens since they last fired, this batch included, reach the window);
+        those that fire in this batch are taken out of it before AuxK selects, as in the
+        reference code ("has to go after stats update"). TopK runs
         one no-grad GEMM + selection, then either the fused step (one hand-written backward,
         kernels.TopKTrainStep) or, when the input itself requires grad (e.g. attribution),
         the composable autograd path with the same values.
@@ -253,27 +265,34 @@ class TopKSAE(nn.Module):
             return self._forward_dense(x_norm, stats, dead_mask)
         x_c = x_norm - self.b_dec
         fused = not x.requires_grad
-        sel = self._select(x_c, dead_mask, fused)
+        sel = self._select(x_c, dead_mask, fused, diagnose)
         step = self._fused_step if fused else self._autograd_step
         recon_k, values, nmse, multi, auxk = step(x_norm, x_c, sel)
         zero = nmse.new_zeros(())
         recon = self.denormalize(recon_k, stats)
-        return ForwardOutput(recon, values[:, : self.k], sel.top_i[:, : self.k], nmse, auxk, multi, zero, zero)
+        return ForwardOutput(recon, values[:, : self.k], sel.top_i[:, : self.k], nmse, auxk, multi, zero, zero,
+                             sel.dead_margin)
 
     @torch.no_grad()
-    def _select(self, x_c: Tensor, dead_mask: Tensor | None, fused: bool) -> _Selection:
+    def _select(self, x_c: Tensor, dead_mask: Tensor | None, fused: bool, diagnose: bool = False) -> _Selection:
         """The one dense GEMM, the top-k (4k with Multi-TopK) and AuxK's top-k_aux of the dead."""
         k_sel = min(4 * self.k if self.multi_topk else self.k, self.num_latents)
         pre, bias = kernels.encoder_gemm(x_c, self.W_enc, self.b_enc, self.step_buffer)  # bias None if added
         # Sorted (descending) so that the first k of the 4k Multi-TopK latents are the top k.
         top_v, top_i = native.topk(pre, k_sel, bias=bias)
-        dead_rows = aux_z = aux_v = aux_local = None
+        dead_rows = aux_z = aux_v = aux_local = margin = None
         if dead_mask is not None and self.k_aux > 0:
-            dead_rows = dead_mask.nonzero().squeeze(1)
+            dead_rows = (dead_mask & ~_fired(top_i[:, : self.k], top_v[:, : self.k], self.num_latents)).nonzero().squeeze(1)
             n_dead = dead_rows.numel()
             if n_dead == 0:
                 dead_rows = None
             else:
+                if diagnose:
+                    cols = pre.index_select(1, dead_rows).float()
+                    if bias is not None:
+                        cols += bias[dead_rows].float()
+                    margin = cols.max(1).values - top_v[:, self.k - 1].float()
+                    del cols
                 k_aux = min(self.k_aux, n_dead)
                 if self.auxk_bf16:
                     # A bf16 GEMM over the dead rows (AMX on recent CPUs) costs less than
@@ -293,7 +312,7 @@ class TopKSAE(nn.Module):
                 del src
         del pre
         # Under autocast the GEMM ran in bf16; the sparse part works in the weights' dtype.
-        return _Selection(top_v.to(self.W_enc.dtype), top_i, dead_rows, aux_z, aux_v, aux_local)
+        return _Selection(top_v.to(self.W_enc.dtype), top_i, dead_rows, aux_z, aux_v, aux_local, margin)
 
     def _fused_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
         """Reconstructions and losses through kernels.TopKTrainStep / ReconLosses (hand-written
@@ -303,9 +322,8 @@ class TopKSAE(nn.Module):
             self.multi_topk, sel.dead_rows, sel.aux_local, sel.aux_v, sel.aux_z,
             torch.bfloat16 if self.auxk_bf16 else None,
         )
-        aux_scale = losses.auxk_scale(sel.dead_rows.numel(), self.k_aux) if sel.dead_rows is not None else 0.0
         denom = losses.total_variance(x_norm)
-        nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat, aux_scale)
+        nmse, multi, auxk = kernels.ReconLosses.apply(x_norm, denom, recon_k, recon_all, aux_hat)
         return recon_k, sel.top_v.relu(), nmse, multi, auxk
 
     def _autograd_step(self, x_norm: Tensor, x_c: Tensor, sel: _Selection):
@@ -318,20 +336,25 @@ class TopKSAE(nn.Module):
         if self.multi_topk:
             multi = losses.nmse(x_norm, kernels.sparse_decode(values, sel.top_i, self.W_dec) + self.b_dec, denom)
         if sel.dead_rows is not None:
-            aux_hat = self._aux_reconstruction(x_c.detach(), sel.dead_rows, sel.aux_v, sel.aux_local)
-            auxk = losses.auxk_loss(x_norm - recon_k.detach(), aux_hat, sel.dead_rows.numel(), self.k_aux)
+            aux_hat = self._aux_reconstruction(x_norm.detach() - self.b_dec, sel.dead_rows, sel.aux_v, sel.aux_local)
+            auxk = losses.auxk_loss((x_norm - recon_k).detach(), aux_hat)
         return recon_k, values, nmse, multi, auxk
 
     def _aux_reconstruction(self, x_c: Tensor, dead_rows: Tensor, aux_v: Tensor, aux_local: Tensor) -> Tensor:
-        """AuxK's reconstruction of the residual from the top-k_aux dead latents (no b_dec).
-        The input is detached, so AuxK trains only the dead latents' encoder and decoder
-        rows; it never moves b_dec or live latents."""
+        """AuxK's reconstruction of the residual x - x_hat from the top-k_aux dead latents.
+
+        As in the reference code, it trains the dead latents' rows and b_dec (the paper's
+        b_pre): ``x_c`` = x - b_dec carries b_dec's gradient through the encoder, and the
+        decode adds b_dec - b_dec.detach() (value 0): the reference decodes with b_pre against
+        a target holding a detached b_pre. Live latents get nothing."""
         if _aux_is_dense(aux_v.shape[1], dead_rows.numel()):
             z = kernels.subset_encode(x_c, self.W_enc, self.b_enc, dead_rows, aux_local, aux_v)
-            return z @ self.W_dec[dead_rows]
-        idx = dead_rows[aux_local]
-        z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
-        return kernels.sparse_decode(z, idx, self.W_dec)
+            decoded = z @ self.W_dec[dead_rows]
+        else:
+            idx = dead_rows[aux_local]
+            z = kernels.sparse_encode(x_c, self.W_enc, self.b_enc, idx, aux_v).relu()
+            decoded = kernels.sparse_decode(z, idx, self.W_dec)
+        return decoded + (self.b_dec - self.b_dec.detach())
 
     def _forward_dense(self, x_norm: Tensor, stats, dead_mask: Tensor | None) -> ForwardOutput:
         # The baselines are dense by nature (every latent can fire): plain autograd.
@@ -345,12 +368,13 @@ class TopKSAE(nn.Module):
         zero = nmse.new_zeros(())
         auxk = zero
         if dead_mask is not None and self.act.supports_auxk and self.k_aux > 0:
-            dead_rows = dead_mask.nonzero().squeeze(1)
+            fired = (out.z.detach() > 0).any(0)  # this batch's firings count first (see forward)
+            dead_rows = (dead_mask & ~fired).nonzero().squeeze(1)
             if dead_rows.numel() > 0:
                 with torch.no_grad():  # the dead columns of the activation's own GEMM
                     _, aux_v, aux_local = native.aux_select(out.pre, dead_rows, self.k_aux, dense=False)
-                aux_hat = self._aux_reconstruction(x_c.detach(), dead_rows, aux_v, aux_local)
-                auxk = losses.auxk_loss(x_norm - recon_n.detach(), aux_hat, dead_rows.numel(), self.k_aux)
+                aux_hat = self._aux_reconstruction(x_norm.detach() - self.b_dec, dead_rows, aux_v, aux_local)
+                auxk = losses.auxk_loss((x_norm - recon_n).detach(), aux_hat)
         idx = torch.arange(self.num_latents, device=out.z.device).expand_as(out.z)
         return ForwardOutput(self.denormalize(recon_n, stats), out.z, idx, nmse, auxk, zero, out.penalty, extra)
 
@@ -393,6 +417,52 @@ class TopKSAE(nn.Module):
         else:
             self.b_dec.zero_()
         self.initialized.fill_(True)
+
+
+# Rows per chunk of the initial draw: a multiple of 16, as torch's CPU normal sampler fills
+# 16 values at a time (see init_rows).
+_INIT_CHUNK_ROWS = 4096
+
+
+def init_rows(cfg: SAEConfig, lo: int, hi: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Rows [lo, hi) of the initial (W_dec, W_enc), float32, on ``device`` (default CPU).
+
+    The values are those of one ``torch.randn(n, d)`` per matrix (W_dec first, then W_enc when
+    untied) from the config's seed, but drawn in row chunks and kept only where they fall in
+    [lo, hi): a latent shard gets exactly its slice of the unsharded init without ever holding
+    the whole dictionary. Chunked and one-shot draws agree because the CPU sampler turns
+    uniforms into normals 16 at a time, in order, redrawing only a tail that is not a multiple
+    of 16: every chunk but the last is a multiple of 16 values, and the last holds >= 16
+    (tests/test_latent_parallel.py checks the equality)."""
+    n, d = cfg.num_latents, cfg.d_in
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    bounds = list(range(0, n, _INIT_CHUNK_ROWS)) + [n]
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * d < 16:
+        del bounds[-2]  # a tail under 16 values would be drawn differently: merge it
+
+    def draw(last: bool) -> Tensor:
+        keep = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a >= hi and last and gen is not None:
+                break  # nothing after this draws from a private generator
+            chunk = torch.randn(b - a, d, generator=gen, dtype=torch.float32)
+            if b > lo and a < hi:
+                keep.append(chunk[max(lo, a) - a : min(hi, b) - a].to(device))
+        return torch.cat(keep) if keep else torch.empty(0, d, device=device)
+
+    W_dec = draw(last=cfg.tied_init)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    # Tied init (paper sec. 2.4): encoder starts as the decoder's transpose. Both are
+    # stored [num_latents, d_in], so "transpose" is equality of the stored tensors.
+    W_enc = W_dec.clone() if cfg.tied_init else draw(last=True) / math.sqrt(d)
+    return W_dec.contiguous(), W_enc.contiguous()
+
+
+def _fired(indices: Tensor, values: Tensor, n: int) -> Tensor:
+    """[n] bool: the latents with a positive value somewhere in this batch."""
+    fired = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    fired[indices[values > 0]] = True
+    return fired
 
 
 def _aux_is_dense(k_aux: int, n_dead: int) -> bool:

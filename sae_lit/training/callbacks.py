@@ -65,6 +65,11 @@ class EvalSuite(Callback):
 
     # ------------------------------------------------------------------ what
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "sharded", False):
+            # The evals read the whole SAE on one process; a latent shard cannot serve them.
+            log.warning("%s: skipped, the SAE is latent-sharded; evaluate the export instead: "
+                        "python -m sae_lit.evals --sae <log_dir>/sae --config ...", type(self).__name__)
+            return
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
