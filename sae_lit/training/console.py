@@ -30,6 +30,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Our training stream is endless and says so by its __len__; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # The sweep and the eval runner build the CLI from Python with explicit args on purpose.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
 class StepProgressBar(TQDMProgressBar):
