@@ -165,10 +165,18 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     hf_logging.disable_progress_bar()  # seconds of de-quantising and loading: no bars for that
     gguf_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
     gguf_log.addFilter(_not_packed_note)
+    # transformers' GGUF reader draws its own tqdm bar, outside the switch above.
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    gguf_bar = getattr(gguf_reader, "tqdm", None)
+    if gguf_bar is not None:
+        gguf_reader.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
     finally:
         gguf_log.removeFilter(_not_packed_note)
+        if gguf_bar is not None:
+            gguf_reader.tqdm = gguf_bar
         if bars:
             hf_logging.enable_progress_bar()
     # GGUF weights come back de-quantized to float32 whatever dtype was asked for.
