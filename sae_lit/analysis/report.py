@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from jsonargparse import ArgumentParser
 
+from sae_lit.analysis import dead_latents as dl
 from sae_lit.analysis import fits
 from sae_lit.analysis.sweep import read_sweep, read_table
 from sae_lit.analysis.report_evals import EvalClaims
@@ -47,6 +48,8 @@ class Report(EvalClaims):
         self.results = read_table(self.root / "results.csv")
         curves_path = self.root / "curves.csv"
         self.curves = read_table(curves_path) if curves_path.exists() else []
+        train_curves = self.root / "train_curves.csv"
+        self.train_curves = read_table(train_curves) if train_curves.exists() else []
         self.sections: list[str] = []
         self.verdicts: list[tuple[str, str, str]] = []
         self.writer = None
@@ -209,7 +212,55 @@ class Report(EvalClaims):
                 [[r["k"], ", ".join(f"{key.split('.')[-1]}={v}" for key, v in json.loads(r["settings"]).items()
                                     if key in ("model.sae.k_aux", "model.auxk_alpha") and v != 0.03125),
                   r["train/dead_frac_end"], r["val/dead_frac"], r["val/nmse"]] for r in variants]))
+        body += self.dead_latent_study(rows + variants)
         self.add("2. Dead latents: tied init and AuxK", claim, body)
+
+    def dead_latent_study(self, rows: list[dict]) -> list[str]:
+        """Before/after the training-exactness fixes, the one-change ablations at k = 8, the
+        dead fraction and the dead latents' distance to the firing threshold over training."""
+        body = []
+        before_path = self.out / "dead_latents_before.csv"
+        if before_path.exists():
+            before = {r["run"]: r for r in read_table(before_path)}
+            lines = []
+            for r in sorted(rows, key=lambda r: (r["k"], -bool(r["tied_init"]), -r["auxk_alpha"], r["run"])):
+                b = before.get(r["run"])  # run names spell out the settings
+                if b is None:
+                    continue
+                lines.append([r["k"], "yes" if r["tied_init"] else "no", fmt(r["auxk_alpha"], 3),
+                              f"{b['train/dead_frac_end']:.1%} → {r['train/dead_frac_end']:.1%}",
+                              f"{b['val/dead_frac']:.1%} → {r['val/dead_frac']:.1%}",
+                              f"{fmt(b['val/nmse'])} → {fmt(r['val/nmse'])}"])
+            if lines:
+                body.append("Before → after the training-exactness fixes (dead mask after this batch's firings, AuxK "
+                            "reaching b_pre, no extra n_dead/k_aux scale, bias-corrected EMA; same cache, same "
+                            "batches):\n\n" + table(["k", "tied init", "AuxK α", "dead (train)", "dead (val)", "NMSE"],
+                                                      lines))
+        base = next((r for r in in_group(rows, "dead_latents") if r["k"] == 8 and r["tied_init"] and r["auxk_alpha"] > 0),
+                    None)
+        pairs = dl.paired_ablations(in_group(self.results, "dead_latent_ablations") + rows)
+        if base is not None and pairs:
+            lines = []
+            for p in pairs:
+                on, off = p["on"], p["off"]
+                lines.append([dl.describe(on, base), int(on["tokens"]),
+                              f"{on['train/dead_frac_end']:.1%}", "–" if off is None else f"{off['train/dead_frac_end']:.1%}",
+                              f"{on['val/dead_frac']:.1%}", "–" if off is None else f"{off['val/dead_frac']:.1%}",
+                              fmt(on["val/nmse"]), "–" if off is None else fmt(off["val/nmse"])])
+            body.append("One change at a time against the k = 8 run (n 8192, tied init, 200k-token dead window, "
+                        f"lr {fmt(base['lr'], 3)}), AuxK on and off:\n\n" + table(
+                            ["change", "tokens", "dead (train) AuxK on", "off", "dead (val) on", "off", "NMSE on", "off"],
+                            lines))
+        k8 = {}
+        for r in in_group(rows, "dead_latents"):
+            if r["k"] == 8:
+                k8[f"{'tied' if r['tied_init'] else 'untied'} init, AuxK {'on' if r['auxk_alpha'] > 0 else 'off'}"] = r["run"]
+        if self.train_curves and k8:
+            body.append(self.figure(dl.dead_fraction_figure(self.train_curves, k8), "dead_fraction_k8"))
+            on = {k: v for k, v in k8.items() if k.endswith("on")}
+            if any(c.get("train/dead_margin_median") is not None for c in self.train_curves):
+                body.append(self.figure(dl.margin_figure(self.train_curves, on), "dead_margin_k8"))
+        return body
 
     def scaling(self) -> None:
         rows = [r for r in in_group(self.results, "nk") if r.get("val/nmse")]

@@ -32,6 +32,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     # The sweep and the eval runner build the CLI from Python with explicit args on purpose.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # `main.py test --ckpt_path` from another run's folder: the checkpoint callback's
+    # best-k bookkeeping is not restored, which `test` never uses.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 class StepProgressBar(TQDMProgressBar):
