@@ -210,3 +210,41 @@ def test_ablation_verdict_uses_the_first_measure_whose_channels_pass_the_sanity_
     line = next(ln for ln in _summary_text(text).splitlines() if "sparser downstream effects" in ln)
     assert "| holds |" in line
     assert "uses the per-position measure" in text and "| per position |" in text
+
+
+def test_dead_latent_study_pairs_each_change_with_its_auxk_off_twin(tmp_path):
+    """The study's ablations sit next to their AuxK-off twins; the before/after table reads the
+    committed before-table by run name; the figures come from train_curves.csv."""
+    rows = []
+    for tied, aux, dead in [(True, 0.03125, 0.30), (True, 0.0, 0.05), (False, 0.03125, 0.50), (False, 0.0, 0.05)]:
+        name = "k8" + ("" if aux else "-auxk0") + ("" if tied else "-tied0")
+        rows.append(_row(name, ["dead_latents"], tmp_path, k=8, num_latents=8192, tied_init=tied, auxk_alpha=aux,
+                         k_aux=512, **{"train/dead_frac_end": dead}))
+    # window 600k: AuxK never acts, both 0; lr 2/7: AuxK lower than without (a setting where it helps)
+    rows.append(_row("k8-dead600000", ["dead_latent_ablations"], tmp_path, k=8, num_latents=8192, dead_tokens=600000,
+                     k_aux=512, **{"train/dead_frac_end": 0.0}))
+    rows.append(_row("k8-auxk0-dead600000", ["dead_latent_ablations"], tmp_path, k=8, num_latents=8192,
+                     dead_tokens=600000, auxk_alpha=0.0, k_aux=512, **{"train/dead_frac_end": 0.0}))
+    rows.append(_row("k8-lr", ["dead_latent_ablations"], tmp_path, k=8, num_latents=8192, lr=2e-4, k_aux=512,
+                     **{"train/dead_frac_end": 0.01}))
+    rows.append(_row("k8-auxk0-lr", ["dead_latent_ablations"], tmp_path, k=8, num_latents=8192, lr=2e-4,
+                     auxk_alpha=0.0, k_aux=512, **{"train/dead_frac_end": 0.10}))
+    spec = _write(tmp_path, rows)
+    root = tmp_path / "sweep"
+    curves = [{"run": r["run"], "step": s, "tokens": s * 4096, "train/dead_frac": r["train/dead_frac_end"] * s / 300,
+               "train/dead_margin_median": -1.0 if r["auxk_alpha"] else None, "train/dead_margin_max": None}
+              for r in rows for s in (100, 200, 300)]
+    sweep.write_csv(root / "train_curves.csv", curves, ["run", "step", "tokens", *sweep.TRAIN_CURVE_TAGS])
+    out = tmp_path / "reports"
+    out.mkdir()
+    sweep.write_csv(out / "dead_latents_before.csv",
+                    [{**r, "train/dead_frac_end": 0.27} for r in rows if r["run"] == "k8"],
+                    ["run", "train/dead_frac_end", "val/dead_frac", "val/nmse"])
+    text = report.main(["--sweep", str(spec), "--out", str(out)]).read_text()
+    section = text.split("## 2.")[1].split("## 3.")[0]
+    assert "| 8 | yes | 0.0312 | 27.0% → 30.0% |" in section
+    assert "| dead window 600k tokens | 1228800 | 0.0% | 0.0% |" in section
+    assert "| lr 0.0002 | 1228800 | 1.0% | 10.0% |" in section
+    assert "In 1 of 3 paired settings AuxK leaves more latents dead" in section and "in 1 fewer" in section
+    assert "Settings where it helps: lr 0.0002." in section
+    assert (out / "figures" / "dead_fraction_k8.png").exists() and (out / "figures" / "dead_margin_k8.png").exists()

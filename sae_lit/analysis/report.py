@@ -251,6 +251,14 @@ class Report(EvalClaims):
                         f"lr {fmt(base['lr'], 3)}), AuxK on and off:\n\n" + table(
                             ["change", "tokens", "dead (train) AuxK on", "off", "dead (val) on", "off", "NMSE on", "off"],
                             lines))
+            paired = [p for p in pairs if p["off"] is not None]
+            higher = [p for p in paired if p["on"]["train/dead_frac_end"] > p["off"]["train/dead_frac_end"] + 0.02]
+            lower = [p for p in paired if p["on"]["train/dead_frac_end"] < p["off"]["train/dead_frac_end"] - 0.02]
+            body.append(f"*Does AuxK lower the dead fraction here?* In {len(higher)} of {len(paired)} paired settings AuxK "
+                        f"leaves more latents dead (by more than 2 points, AuxK criterion), in {len(lower)} fewer; one "
+                        "seed per setting, so no intervals. " + (
+                            "No CPU-sized setting measured here shows the paper's effect." if paired and not lower else
+                            "Settings where it helps: " + "; ".join(dl.describe(p["on"], base) for p in lower) + "."))
         k8 = {}
         for r in in_group(rows, "dead_latents"):
             if r["k"] == 8:
