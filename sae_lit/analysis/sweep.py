@@ -219,7 +219,16 @@ class EvalRunner:
 
         if self.data is None:
             cfg_path = str(self.spec["base_config"])
-            dm = datamodule_from_config(read_yaml_config(cfg_path), cfg_path)
+            config = read_yaml_config(cfg_path)
+            # The runs' data: the base config with the sweep's common data.* overrides.
+            for key, value in (self.spec.get("common") or {}).items():
+                if key.startswith("data."):
+                    *path, last = key.split(".")[1:]
+                    node = config.setdefault("data", {})
+                    for part in path:
+                        node = node.setdefault(part, {})
+                    node[last] = value
+            dm = datamodule_from_config(config, cfg_path)
             dm.prepare_data()
             dm.setup("test")
             self.data = data_from_datamodule(dm, self._config(self.evals))
