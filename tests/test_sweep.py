@@ -115,3 +115,29 @@ def test_shipped_sweeps_expand_to_known_settings(name):
         for key in sweep.cli_overrides(r, spec):
             if key.startswith("model."):
                 assert key.split(".", 1)[1] in params, (r.name, key)
+
+
+def test_evals_read_the_data_the_runs_trained_on(tmp_path, monkeypatch):
+    """A sweep whose `common` overrides the cache evaluates on that cache, not the base config's."""
+    from sae_lit.evals import evaluate
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"class_path": "x", "init_args": {"cache": {"cache_dir": "base/cache",
+                                                                                          "train_tokens": 100}}}}))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, path):
+        seen.update(config)
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "datamodule_from_config", capture)
+    spec = {"base_config": str(base), "common": {"trainer.max_steps": 3, "data.init_args.cache.cache_dir": "/other",
+                                                 "data.init_args.batch_size": 64}}
+    runner = sweep.EvalRunner(spec, [sweep.Run("r", {}, ["g"], ["shrinkage"])])
+    with pytest.raises(Stop):
+        runner(sweep.Run("r", {}, ["g"], ["shrinkage"]), tmp_path, tmp_path)
+    assert seen["data"]["init_args"]["cache"] == {"cache_dir": "/other", "train_tokens": 100}
+    assert seen["data"]["init_args"]["batch_size"] == 64 and "trainer" not in seen
