@@ -397,7 +397,7 @@ class Report(EvalClaims):
                              + table(["b_pre init", "NMSE", "dead (val)"], lines))
 
     # -------------------------------------------------------------------- output
-    def write(self, commands: list[str]) -> Path:
+    def write(self, commands: list[str], provenance: str | None = None) -> Path:
         self.baselines()
         self.dead_latents()
         self.progressive()
@@ -415,6 +415,7 @@ class Report(EvalClaims):
             f"{sum(r.get('train_seconds') or 0 for r in self.results) / 60:.0f} min of training in all. Tables, copied "
             f"from `{self.root}/` beside this file: `results.csv` (every metric of every run) and `curves.csv` "
             "(validation NMSE during training).",
+            *([f"*Where the rows come from:* {Path(provenance).read_text().strip()}"] if provenance else []),
             "## Summary\n\nA verdict holds or fails only when the comparison's interval (across seeds, or the eval's "
             "bootstrap) excludes the other side; otherwise it is inconclusive.\n\n"
             + table(["claim", "on SmolLM2-135M", "rests on"], self.verdicts),
@@ -431,19 +432,23 @@ class Report(EvalClaims):
         return path
 
 
-def reproduction_report(sweep: str, out: str = "reports") -> Path:
+def reproduction_report(sweep: str, out: str = "reports", provenance: str | None = None) -> Path:
     """Write the reproduction report of a finished sweep.
 
     Args:
         sweep: the sweep YAML whose results to report.
         out: output folder (reproduction.md, figures/).
+        provenance: a markdown file saying where the table's rows come from, when they were not all
+            produced by one run of the sweep (e.g. some groups rerun after a fix); quoted under the header.
     """
     spec = read_sweep(sweep)
     if not (Path(spec["root"]) / "results.csv").is_file():
         raise FileNotFoundError(f"{Path(spec['root']) / 'results.csv'} not found: run `python -m sae_lit.analysis.sweep --config "
                                 f"{sweep}` first")
-    commands = [f"python -m sae_lit.analysis.sweep --config {sweep}", f"python -m sae_lit.analysis.report --sweep {sweep} --out {out}"]
-    path = Report(spec, Path(out)).write(commands)
+    commands = [f"python -m sae_lit.analysis.sweep --config {sweep}",
+                f"python -m sae_lit.analysis.report --sweep {sweep} --out {out}"
+                + (f" --provenance {provenance}" if provenance else "")]
+    path = Report(spec, Path(out)).write(commands, provenance)
     print(f"Report: {path}")
     return path
 
