@@ -179,26 +179,24 @@ class EvalClaims:
                 "[95% bootstrap interval over contexts].",
                 table(["measure", "SAE latents", "residual channels", "SAE − channels"],
                       [[name, *map(ci_text, ivs)] for name, ivs in measures.items()])]
-        sane = {name: 0.45 <= ivs[1]["mean"] <= 0.75 for name, ivs in measures.items()}
-        used = next((name for name in measures if sane[name]), None)
         paper = "paper's (concatenated)"
-        if used is None:
+        # The verdict is on the paper's measure only, and only once its channel baseline is believable.
+        sane = 0.45 <= measures[paper][1]["mean"] <= 0.75
+        others = "; ".join(f"{name}: channels {ivs[1]['mean']:.3f}, SAE − channels {ci_text(ivs[2], 3)}"
+                           for name, ivs in measures.items() if name != paper)
+        if not sane:
             word = UNSURE
-            channels = ", ".join(f"{name}: {ivs[1]['mean']:.3f}" for name, ivs in measures.items())
-            why = ("The channel baseline lies outside 0.45–0.75 around the paper's ≈ 0.6 (a dense random effect gives "
-                   f"2/π ≈ 0.64) on every measure ({channels}), so the measurement itself is in doubt and no verdict "
-                   "is drawn.")
+            why = (f"The paper's measure puts the channel baseline at {measures[paper][1]['mean']:.3f}, outside 0.45–0.75 "
+                   "around the paper's ≈ 0.6 (a dense random effect gives 2/π ≈ 0.64), so the SAE's figure on it is not "
+                   "believed and no verdict is drawn. On this model an ablation's effect is concentrated at the ablated "
+                   "position, which the concatenated measure counts as sparsity."
+                   + (f" Reported beside it, not judged: {others}." if others else ""))
         else:
-            diff = measures[used][2]
+            diff = measures[paper][2]
             word = judge(diff, -1)
-            lead = "" if used == paper else (
-                f"The paper's concatenated measure puts the channel baseline at {measures[paper][1]['mean']:.3f}, outside "
-                "0.45–0.75: on this model an ablation's effect is concentrated at the ablated position, which that "
-                "measure counts as sparsity whatever the vocabulary side does. The verdict therefore uses the per-position "
-                "measure, whose channel figure passes. ")
-            why = (f"{lead}SAE − channels ({used}) = {ci_text(diff, 3)}; the paper has ≈ 0.10–0.14 for latents against "
-                   "≈ 0.60 for channels. The rule: the first measure whose channel figure lies in 0.45–0.75 is judged; "
-                   "holds if the difference is below 0 beyond its interval, does not hold if above.")
+            why = (f"SAE − channels = {ci_text(diff, 3)}; the paper has ≈ 0.10–0.14 for latents against ≈ 0.60 for "
+                   "channels. The rule: judged only when the channel figure lies in 0.45–0.75; holds if the difference "
+                   "is below 0 beyond its interval, does not hold if above.")
         samples = (f"one run; {d.get('pairs', '?')} (latent, position) pairs at {d.get('positions', '?')} positions of "
                    f"{d.get('contexts', '?')} contexts, as many channel ablations")
         body.append(self.verdict(claim, word, why, samples))
