@@ -242,7 +242,7 @@ def test_dead_latent_study_pairs_each_change_with_its_auxk_off_twin(tmp_path):
                     ["run", "train/dead_frac_end", "val/dead_frac", "val/nmse"])
     text = report.main(["--sweep", str(spec), "--out", str(out)]).read_text()
     section = text.split("## 2.")[1].split("## 3.")[0]
-    assert "| 8 | yes | 0.0312 | 27.0% → 30.0% |" in section
+    assert "| k8 | 8 | yes | 0.0312 | 27.0% → 30.0% |" in section
     assert "| dead window 600k tokens | 1228800 | 0.0% | 0.0% |" in section
     assert "| lr 0.0002 | 1228800 | 1.0% | 10.0% |" in section
     assert "In 1 of 3 paired settings AuxK leaves more latents dead" in section and "in 1 fewer" in section

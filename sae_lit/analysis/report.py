@@ -227,14 +227,14 @@ class Report(EvalClaims):
                 b = before.get(r["run"])  # run names spell out the settings
                 if b is None:
                     continue
-                lines.append([r["k"], "yes" if r["tied_init"] else "no", fmt(r["auxk_alpha"], 3),
+                lines.append([r["run"], r["k"], "yes" if r["tied_init"] else "no", fmt(r["auxk_alpha"], 3),
                               f"{b['train/dead_frac_end']:.1%} → {r['train/dead_frac_end']:.1%}",
                               f"{b['val/dead_frac']:.1%} → {r['val/dead_frac']:.1%}",
                               f"{fmt(b['val/nmse'])} → {fmt(r['val/nmse'])}"])
             if lines:
                 body.append("Before → after the training-exactness fixes (dead mask after this batch's firings, AuxK "
                             "reaching b_pre, no extra n_dead/k_aux scale, bias-corrected EMA; same cache, same "
-                            "batches):\n\n" + table(["k", "tied init", "AuxK α", "dead (train)", "dead (val)", "NMSE"],
+                            "batches):\n\n" + table(["run", "k", "tied init", "AuxK α", "dead (train)", "dead (val)", "NMSE"],
                                                       lines))
         base = next((r for r in in_group(rows, "dead_latents") if r["k"] == 8 and r["tied_init"] and r["auxk_alpha"] > 0),
                     None)
