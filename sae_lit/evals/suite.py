@@ -248,15 +248,12 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
                     "config": dataclasses.asdict(cfg), "data": data.info}
     figures: dict = {}
     suite_start = time.perf_counter()
-    todo = [name for name in EVALS if name in cfg.evals]
     # One step per eval, named while it runs (each takes seconds to minutes).
-    bar = tqdm(total=len(todo), desc="evaluating", unit="eval", leave=False)
-    for name in todo:
+    bar = tqdm([name for name in EVALS if name in cfg.evals], desc="evaluating", unit="eval", leave=False)
+    for name in bar:
         bar.set_postfix_str(name)
-        bar.update(0)
         if name in LM_EVALS and not data.has_lm:
             report["skipped"][name] = "no subject LM / token blocks (activation-only data)"
-            bar.update(1)
             continue
         start, cpu = time.perf_counter(), time.process_time()
         try:
@@ -266,7 +263,6 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
                 raise
             log.exception("eval %s failed", name)
             report["errors"][name] = f"{type(e).__name__}: {e}"
-            bar.update(1)
             continue
         report["seconds"][name] = round(time.perf_counter() - start, 2)
         # CPU seconds of all threads: on a shared machine wall time says little, this does not change
@@ -277,7 +273,5 @@ def run_suite(sae, data: EvalData, cfg: EvalConfig | None = None) -> tuple[dict,
         figures.update(r.figures)
         log.info("eval %s: %s (%.1f s)", name, ", ".join(f"{k}={v:.4g}" for k, v in r.metrics.items()),
                  report["seconds"][name])
-        bar.update(1)
-    bar.close()
     report["suite_seconds"] = round(time.perf_counter() - suite_start, 2)
     return report, figures
